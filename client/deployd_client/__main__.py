@@ -1,0 +1,3 @@
+from deployd_client.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""How the command shows leases, waits and status to people."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+from deployd_client.durations import format_duration
+
+
+def use_color(stream: TextIO) -> bool:
+    """Return whether to colour output: only on a terminal, and never with NO_COLOR set."""
+    return stream.isatty() and not os.environ.get("NO_COLOR")
+
+
+def clock_time(epoch: float) -> str:
+    """Format a wall-clock time as local ``HH:MM:SS``, with the date if it is not today."""
+    local = time.localtime(epoch)
+    if time.strftime("%Y-%m-%d", local) == time.strftime("%Y-%m-%d"):
+        return time.strftime("%H:%M:%S", local)
+    return time.strftime("%Y-%m-%d %H:%M:%S", local)
+
+
+def ago(epoch: float) -> str:
+    """Format how long ago a wall-clock time was, such as ``3m12s ago``."""
+    return f"{format_duration(max(0.0, time.time() - epoch))} ago"
+
+
+def describe_holder(lease: dict[str, Any]) -> str:
+    """Describe who holds a lease: user, host, since when, commit and reason."""
+    owner = lease.get("owner") or {}
+    parts = [f"{owner.get('user', '?')} on {owner.get('host', '?')}"]
+    acquired_at = lease.get("acquired_at")
+    if isinstance(acquired_at, int | float):
+        parts.append(f"since {clock_time(acquired_at)} ({ago(acquired_at)})")
+    purpose = lease.get("purpose") or {}
+    if purpose.get("commit"):
+        parts.append(f"commit {purpose['commit']}")
+    if purpose.get("reason"):
+        parts.append(f"reason {purpose['reason']!r}")
+    return ", ".join(parts)
+
+
+def ordinal(number: int) -> str:
+    """Return ``1st``, ``2nd``, ``3rd``, ``4th`` and so on."""
+    if 10 <= number % 100 <= 20:
+        suffix = "th"
+    else:
+        suffix = {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
+
+
+class WaitDisplay:
+    """Show a wait for a lock on stderr.
+
+    On a terminal, one line is rewritten in place as the position or holder
+    changes; elsewhere one line is printed when the wait starts and one when
+    it ends, so logs stay short.
+    """
+
+    def __init__(self, lock: str, stream: TextIO | None = None, quiet: bool = False) -> None:
+        self.lock = lock
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.terminal = self.stream.isatty()
+        self.started = time.monotonic()
+        self._shown = False
+        self._last_text = ""
+
+    def update(self, event: dict[str, Any]) -> None:
+        """Show a queue_position event."""
+        if self.quiet:
+            return
+        position = event.get("position")
+        holder = event.get("holder")
+        who = f"held by {describe_holder(holder)}" if isinstance(holder, dict) else "busy"
+        place = f"you are {ordinal(position)} in line" if isinstance(position, int) else "queued"
+        text = f"deployd: waiting for {self.lock}: {who}; {place}"
+        if self.terminal:
+            waited = format_duration(time.monotonic() - self.started)
+            self.stream.write(f"\r\x1b[K{text} (waiting {waited})")
+            self.stream.flush()
+            self._shown = True
+        elif not self._shown:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            self._shown = True
+        self._last_text = text
+
+    def finish(self, outcome: str) -> None:
+        """End the wait display with ``outcome`` (for example ``got the lock``)."""
+        if self.quiet or not self._shown:
+            return
+        waited = format_duration(time.monotonic() - self.started)
+        line = f"deployd: {self.lock}: {outcome} after waiting {waited}"
+        if self.terminal:
+            self.stream.write(f"\r\x1b[K{line}\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def status_text(status: dict[str, Any], color: bool = False) -> str:
+    """Render the result of the ``status`` op as aligned text."""
+    daemon = status.get("daemon", {})
+    store = status.get("store", {})
+    lines = [
+        f"daemon   deployd {daemon.get('version')}, pid {daemon.get('pid')}, "
+        f"up {format_duration(float(daemon.get('uptime', 0)))}",
+        f"socket   {daemon.get('socket')}",
+        f"config   {daemon.get('config_file') or '(defaults, no file)'}",
+    ]
+    reachable = store.get("reachable")
+    state = "reachable" if reachable else f"UNREACHABLE: {store.get('error')}"
+    latency = store.get("latency")
+    latency_text = f", last call {format_duration(float(latency))}" if latency is not None else ""
+    lines.append(f"store    {store.get('kind')} at {store.get('location')}: {state}{latency_text}")
+    lines.append("")
+
+    locks = status.get("locks", [])
+    if not locks:
+        lines.append("no locks yet")
+        return "\n".join(lines)
+
+    rows = [("LOCK", "HOLDER", "HOST", "SINCE", "TOKEN", "LEFT", "WAITING", "REASON")]
+    for entry in locks:
+        lease = entry.get("lease")
+        waiters = len(entry.get("waiters", [])) + max(0, len(entry.get("local_queue", [])) - 1)
+        if lease and entry.get("held"):
+            owner = lease.get("owner", {})
+            purpose = lease.get("purpose", {})
+            rows.append(
+                (
+                    entry["lock"],
+                    str(owner.get("user")),
+                    str(owner.get("host")),
+                    ago(lease["acquired_at"]),
+                    str(entry.get("token")),
+                    format_duration(float(lease.get("expires_in", 0))),
+                    str(waiters) if waiters else "-",
+                    purpose.get("reason") or "-",
+                )
+            )
+        else:
+            rows.append(
+                (
+                    entry["lock"],
+                    "-",
+                    "-",
+                    "-",
+                    str(entry.get("token")),
+                    "free",
+                    str(waiters) if waiters else "-",
+                    "-",
+                )
+            )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for index, row in enumerate(rows):
+        text = "  ".join(
+            cell.ljust(width) for cell, width in zip(row, widths, strict=True)
+        ).rstrip()
+        if index == 0 and color:
+            text = f"\x1b[1m{text}\x1b[0m"
+        lines.append(text)
+    return "\n".join(lines)

@@ -1,0 +1,655 @@
+"""The lease manager's decisions, as plain code over in-memory state.
+
+The Coordinator owns every lock this daemon deals with: the lease it holds
+(if any), the local first-come-first-served queue of callers, renewal
+schedules and deadlines. Each method takes the current time on the daemon's
+monotonic clock, changes the state and returns the actions that must follow:
+calls to the store, answers to callers, events to push. It performs no I/O
+and never awaits, so it can be tested exactly with an injected clock, and a
+cancelled store call cannot leave it half-updated. ``deployd.service`` runs
+the actions and feeds their results back.
+
+Only the head of a lock's local queue talks to the store; the others wait
+in memory until the head is served.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from deployd.config import LeaseTimings
+from deployd.errors import DeploydError, LeaseLost, LockBusy, StoreError, WaitTimedOut
+from deployd.models import (
+    Acquired,
+    Busy,
+    Lease,
+    LeaseRequest,
+    LockState,
+    Outcome,
+    OutcomeStatus,
+    Owner,
+    Purpose,
+    Takeover,
+)
+from deployd_client.durations import format_duration
+
+# How long a caller that is not waiting keeps retrying a store error before it
+# is refused, and the longest pause between attempts while a store is failing.
+STORE_RETRY_MAX_DELAY = 2.0
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One caller's request for a lock, from its arrival until it is granted, refused or cancelled.
+
+    ``wait_until`` is the deadline on the monotonic clock, or None when the
+    caller does not wait. ``binding`` is whatever the service attaches to the
+    lease once granted; the coordinator passes it through untouched.
+    """
+
+    id: int
+    lock: str
+    session_id: str
+    owner: Owner
+    purpose: Purpose
+    timings: LeaseTimings
+    arrived_at: float
+    wait_until: float | None
+    force: bool = False
+    force_reason: str | None = None
+    binding: object = None
+
+    # Progress, owned by the coordinator.
+    attempt_in_flight: bool = False
+    next_attempt_at: float | None = None
+    enqueued_in_store: bool = False
+    enqueue_in_flight: bool = False
+    next_heartbeat_at: float | None = None
+    store_failures: int = 0
+    last_seen: LockState | None = None
+    queued_ahead_in_store: int = 0
+    cancelled: bool = False
+    done: bool = False
+
+    def waits(self) -> bool:
+        """Return whether the caller asked to wait for the lock."""
+        return self.wait_until is not None
+
+
+@dataclass(eq=False)
+class HeldLease:
+    """A lease this daemon holds for one of its callers.
+
+    ``confirmed_at`` is when the last successful grant or renewal was sent to
+    the store. The store measures the lease's TTL from a moment after that,
+    so the lease cannot expire for others before ``confirmed_at + ttl``.
+    """
+
+    lease: Lease
+    timings: LeaseTimings
+    binding: object
+    confirmed_at: float
+    next_renew_at: float
+    granted_at: float
+    waited: float
+    takeover: Takeover = Takeover.FREE
+    renew_in_flight: bool = False
+    renew_failures: int = 0
+    lost: bool = False
+
+    @property
+    def lock(self) -> str:
+        """Return the lock's name."""
+        return self.lease.lock
+
+    @property
+    def lease_id(self) -> str:
+        """Return the lease id."""
+        return self.lease.holder
+
+    def renew_deadline(self) -> float:
+        """Return the monotonic time at which the lease counts as lost without a renewal."""
+        return self.confirmed_at + self.timings.renew_deadline
+
+
+# --- actions: what the service must do next ---
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """Call ``store.try_acquire(request)`` for the ticket, then ``attempt_done``."""
+
+    ticket: Ticket
+    request: LeaseRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueue:
+    """Create or refresh the ticket's waiter entry in the store, then ``enqueue_done``."""
+
+    ticket: Ticket
+
+
+@dataclass(frozen=True, slots=True)
+class Dequeue:
+    """Remove a waiter entry from the store; a failure only needs logging (entries expire)."""
+
+    lock: str
+    waiter_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Renew:
+    """Call ``store.renew(lease)``, then ``renew_done``."""
+
+    held: HeldLease
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Call ``store.release(lease, outcome)``, then ``release_done``."""
+
+    held: HeldLease
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Answer the ticket's caller with the held lease."""
+
+    ticket: Ticket
+    held: HeldLease
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Answer the ticket's caller with an error."""
+
+    ticket: Ticket
+    error: DeploydError
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Tell a waiting caller its place in line and who holds the lock.
+
+    ``position`` counts from 1 for the next in line; ``holder`` is the lease
+    in the way, when known.
+    """
+
+    ticket: Ticket
+    position: int
+    holder: Lease | None
+
+
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """Tell the lease's holder that the lease is lost, and why."""
+
+    held: HeldLease
+    error: LeaseLost
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """A lease ended; the service drops its binding. Sent once per lease."""
+
+    held: HeldLease
+    outcome: Outcome
+
+
+Action = Attempt | Enqueue | Dequeue | Renew | Release | Grant | Refuse | Position | Lost | Ended
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One lock as this daemon sees it."""
+
+    name: str
+    queue: deque[Ticket] = field(default_factory=deque)
+    holder: HeldLease | None = None
+    releasing: bool = False
+
+
+class Coordinator:
+    """Decide grants, queueing, renewals, expiry of waits and lost leases.
+
+    ``poll_interval`` is how often the head of a queue re-reads a lock held
+    by another daemon. ``new_acquisition_id`` makes the random id of each
+    attempt; tests pass a deterministic one.
+    """
+
+    def __init__(self, poll_interval: float, new_acquisition_id: Callable[[], str]) -> None:
+        self._poll_interval = poll_interval
+        self._new_acquisition_id = new_acquisition_id
+        self._slots: dict[str, _Slot] = {}
+        self._leases: dict[str, HeldLease] = {}
+        self._tickets: dict[int, Ticket] = {}
+        self._ticket_ids = itertools.count(1)
+
+    # --- queries ---
+
+    def next_ticket_id(self) -> int:
+        """Return a fresh ticket id."""
+        return next(self._ticket_ids)
+
+    def lease(self, lease_id: str) -> HeldLease | None:
+        """Return the held lease with this id, if this daemon holds it."""
+        return self._leases.get(lease_id)
+
+    def leases(self) -> list[HeldLease]:
+        """Return every lease this daemon holds, oldest grant first."""
+        return sorted(self._leases.values(), key=lambda held: held.granted_at)
+
+    def holder_of(self, lock: str) -> HeldLease | None:
+        """Return this daemon's lease on ``lock``, if it holds one."""
+        slot = self._slots.get(lock)
+        return slot.holder if slot else None
+
+    def queue(self, lock: str) -> list[Ticket]:
+        """Return the callers waiting for ``lock`` here, next in line first."""
+        slot = self._slots.get(lock)
+        return list(slot.queue) if slot else []
+
+    def waiting_tickets(self) -> Iterator[Ticket]:
+        """Yield every ticket not yet granted or refused."""
+        yield from self._tickets.values()
+
+    def next_deadline(self) -> float | None:
+        """Return the earliest monotonic time at which ``tick`` has work to do."""
+        times: list[float] = []
+        for held in self._leases.values():
+            if held.lost:
+                continue
+            times.append(held.renew_deadline())
+            if not held.renew_in_flight:
+                times.append(held.next_renew_at)
+        for ticket in self._tickets.values():
+            if ticket.wait_until is not None:
+                times.append(ticket.wait_until)
+            if ticket.next_attempt_at is not None and not ticket.attempt_in_flight:
+                times.append(ticket.next_attempt_at)
+            if ticket.next_heartbeat_at is not None and not ticket.enqueue_in_flight:
+                times.append(ticket.next_heartbeat_at)
+        return min(times, default=None)
+
+    # --- callers ---
+
+    def submit(self, ticket: Ticket, now: float) -> list[Action]:
+        """Queue a caller's request; try the store at once if nobody is ahead.
+
+        A caller that does not wait is refused at once when the lock is held
+        here or others are queued ahead. A forced request skips the queue.
+        """
+        slot = self._slot(ticket.lock)
+        self._tickets[ticket.id] = ticket
+
+        if ticket.force:
+            slot.queue.appendleft(ticket)
+            return [self._attempt(ticket, now)]
+
+        if not ticket.waits() and (slot.holder is not None or slot.queue or slot.releasing):
+            del self._tickets[ticket.id]
+            ticket.done = True
+            return [Refuse(ticket, self._busy_here(slot))]
+
+        slot.queue.append(ticket)
+        if len(slot.queue) == 1 and slot.holder is None and not slot.releasing:
+            return [self._attempt(ticket, now)]
+
+        actions: list[Action] = [self._position(slot, ticket)]
+        if slot.queue[0] is ticket and slot.holder is not None:
+            actions.extend(self._heartbeat(ticket, now))
+        return actions
+
+    def cancel(self, ticket_id: int, now: float) -> list[Action]:
+        """Withdraw a ticket whose caller went away before it was answered."""
+        ticket = self._tickets.get(ticket_id)
+        if ticket is None or ticket.done:
+            return []
+        ticket.cancelled = True
+        if ticket.attempt_in_flight:
+            # attempt_done releases the lease if that attempt was granted.
+            return []
+        return self._drop_ticket(ticket, now)
+
+    def release(self, lease_id: str, outcome: Outcome, now: float) -> list[Action]:
+        """End a held lease: release it in the store, then serve the next in line."""
+        held = self._leases.get(lease_id)
+        if held is None:
+            return []
+        return self._end(held, outcome, now)
+
+    def adopt(self, held: HeldLease) -> list[Action]:
+        """Take over a lease kept by a previous daemon run; it is renewed at once."""
+        slot = self._slot(held.lock)
+        slot.holder = held
+        self._leases[held.lease_id] = held
+        return []
+
+    # --- store results ---
+
+    def attempt_done(
+        self, ticket: Ticket, result: Acquired | Busy | StoreError, sent_at: float, now: float
+    ) -> list[Action]:
+        """Apply the store's answer to ``try_acquire``."""
+        ticket.attempt_in_flight = False
+        if isinstance(result, Acquired):
+            return self._granted(ticket, result, sent_at, now)
+        if ticket.cancelled:
+            return self._drop_ticket(ticket, now)
+        if isinstance(result, Busy):
+            return self._busy(ticket, result, now)
+        return self._store_failed(ticket, result, now)
+
+    def enqueue_done(self, ticket: Ticket, error: StoreError | None, now: float) -> list[Action]:
+        """Record that the ticket's waiter entry was written, or schedule a retry."""
+        ticket.enqueue_in_flight = False
+        if ticket.done:
+            return [Dequeue(ticket.lock, ticket.session_id)] if error is None else []
+        if error is None:
+            ticket.enqueued_in_store = True
+            ticket.next_heartbeat_at = now + ticket.timings.renew_every
+        else:
+            ticket.next_heartbeat_at = now + min(STORE_RETRY_MAX_DELAY, ticket.timings.renew_every)
+        return []
+
+    def renew_done(
+        self, held: HeldLease, result: Lease | LeaseLost | StoreError, sent_at: float, now: float
+    ) -> list[Action]:
+        """Apply the store's answer to ``renew``."""
+        held.renew_in_flight = False
+        if held.lost or self._leases.get(held.lease_id) is not held:
+            return []
+        if isinstance(result, Lease):
+            held.lease = result
+            held.confirmed_at = sent_at
+            held.renew_failures = 0
+            held.next_renew_at = sent_at + held.timings.renew_every
+            return []
+        if isinstance(result, LeaseLost):
+            return self._lose(held, result, now, release_in_store=False)
+        held.renew_failures += 1
+        retry_delay = min(STORE_RETRY_MAX_DELAY, held.timings.renew_every / 2)
+        held.next_renew_at = now + retry_delay
+        return []
+
+    def release_done(self, lock: str, now: float) -> list[Action]:
+        """Serve the next caller in line once the store has released the lock."""
+        slot = self._slot(lock)
+        slot.releasing = False
+        return self._serve_next(slot, now)
+
+    # --- time ---
+
+    def tick(self, now: float) -> list[Action]:
+        """Start due renewals and attempts; expire waits and leases past their deadline."""
+        actions: list[Action] = []
+        for held in list(self._leases.values()):
+            if held.lost:
+                continue
+            if now >= held.renew_deadline():
+                reason = (
+                    f"lease on {held.lock} lost: no renewal succeeded for "
+                    f"{format_duration(held.timings.renew_deadline)}, so it may expire for others"
+                )
+                actions.extend(
+                    self._lose(held, LeaseLost(held.lock, reason), now, release_in_store=True)
+                )
+            elif not held.renew_in_flight and now >= held.next_renew_at:
+                held.renew_in_flight = True
+                actions.append(Renew(held))
+
+        for ticket in list(self._tickets.values()):
+            if ticket.done or ticket.attempt_in_flight:
+                continue
+            if ticket.wait_until is not None and now >= ticket.wait_until:
+                actions.extend(self._time_out(ticket, now))
+                continue
+            if ticket.next_attempt_at is not None and now >= ticket.next_attempt_at:
+                actions.append(self._attempt(ticket, now))
+            if (
+                ticket.next_heartbeat_at is not None
+                and not ticket.enqueue_in_flight
+                and now >= ticket.next_heartbeat_at
+            ):
+                actions.extend(self._heartbeat(ticket, now))
+        return actions
+
+    # --- internals ---
+
+    def _slot(self, lock: str) -> _Slot:
+        slot = self._slots.get(lock)
+        if slot is None:
+            slot = self._slots[lock] = _Slot(lock)
+        return slot
+
+    def _attempt(self, ticket: Ticket, now: float) -> Attempt:
+        ticket.attempt_in_flight = True
+        ticket.next_attempt_at = None
+        request = LeaseRequest(
+            lock=ticket.lock,
+            holder=ticket.session_id,
+            acquisition_id=self._new_acquisition_id(),
+            owner=ticket.owner,
+            purpose=ticket.purpose,
+            ttl=ticket.timings.ttl,
+            waiter_id=ticket.session_id if ticket.enqueued_in_store else None,
+            force=ticket.force,
+            force_reason=ticket.force_reason,
+            waited=max(0.0, now - ticket.arrived_at),
+        )
+        return Attempt(ticket, request)
+
+    def _heartbeat(self, ticket: Ticket, now: float) -> list[Action]:
+        """Write the head's waiter entry, so other daemons' waiters queue behind it."""
+        if ticket.enqueue_in_flight or ticket.done:
+            return []
+        ticket.enqueue_in_flight = True
+        ticket.next_heartbeat_at = None
+        return [Enqueue(ticket)]
+
+    def _granted(
+        self, ticket: Ticket, result: Acquired, sent_at: float, now: float
+    ) -> list[Action]:
+        slot = self._slot(ticket.lock)
+        held = HeldLease(
+            lease=result.lease,
+            timings=ticket.timings,
+            binding=ticket.binding,
+            confirmed_at=sent_at,
+            next_renew_at=sent_at + ticket.timings.renew_every,
+            granted_at=now,
+            waited=max(0.0, now - ticket.arrived_at),
+            takeover=result.takeover,
+        )
+        actions: list[Action] = []
+        displaced = slot.holder
+        if displaced is not None and displaced.lease_id != held.lease_id:
+            # A forced grant took the lock from this daemon's own holder.
+            message = (
+                f"lease on {held.lock} was forced away by {held.lease.owner.user}@"
+                f"{held.lease.owner.host} (reason: {ticket.force_reason or 'none given'})"
+            )
+            state = LockState(held.lock, held.lease.token, held.lease)
+            actions.extend(self._lose(displaced, LeaseLost(held.lock, message, state), now, False))
+
+        self._remove_ticket(slot, ticket)
+        slot.holder = held
+        self._leases[held.lease_id] = held
+        if ticket.cancelled:
+            # The caller left while the grant was on its way: give the lock back.
+            actions.extend(
+                self._end(held, Outcome(OutcomeStatus.ABANDONED, detail="caller left"), now)
+            )
+            return actions
+        actions.append(Grant(ticket, held))
+        actions.extend(self._positions(slot))
+        return actions
+
+    def _busy(self, ticket: Ticket, result: Busy, now: float) -> list[Action]:
+        ticket.last_seen = result.state
+        ticket.queued_ahead_in_store = result.queued_ahead
+        ticket.store_failures = 0
+        if not ticket.waits():
+            return self._refuse(ticket, self._busy_error(result), now)
+
+        actions: list[Action] = []
+        if not ticket.enqueued_in_store:
+            actions.extend(self._heartbeat(ticket, now))
+        delay = self._poll_interval
+        lease = result.state.lease
+        if lease is not None and 0 < lease.expires_in < delay:
+            delay = lease.expires_in
+        ticket.next_attempt_at = now + delay
+        actions.append(self._position(self._slot(ticket.lock), ticket))
+        return actions
+
+    def _store_failed(self, ticket: Ticket, error: StoreError, now: float) -> list[Action]:
+        ticket.store_failures += 1
+        if not ticket.waits():
+            return self._refuse(ticket, error, now)
+        delay = min(STORE_RETRY_MAX_DELAY, self._poll_interval * 2**ticket.store_failures)
+        ticket.next_attempt_at = now + delay
+        return []
+
+    def _time_out(self, ticket: Ticket, now: float) -> list[Action]:
+        waited = format_duration(now - ticket.arrived_at)
+        holder = self._holder_for(ticket)
+        who = f" (held by {_describe(holder)})" if holder is not None else ""
+        error = WaitTimedOut(
+            f"gave up waiting for {ticket.lock} after {waited}{who}; "
+            "retry with a longer --wait, or see 'deployd status'",
+            ticket.last_seen,
+        )
+        return self._refuse(ticket, error, now)
+
+    def _refuse(self, ticket: Ticket, error: DeploydError, now: float) -> list[Action]:
+        actions = self._drop_ticket(ticket, now)
+        actions.insert(0, Refuse(ticket, error))
+        return actions
+
+    def _drop_ticket(self, ticket: Ticket, now: float) -> list[Action]:
+        """Take a ticket out of its queue; serve the next caller if it was at the head."""
+        slot = self._slot(ticket.lock)
+        was_head = bool(slot.queue) and slot.queue[0] is ticket
+        self._remove_ticket(slot, ticket)
+        actions: list[Action] = []
+        if ticket.enqueued_in_store:
+            actions.append(Dequeue(ticket.lock, ticket.session_id))
+        if was_head:
+            actions.extend(self._serve_next(slot, now))
+        else:
+            actions.extend(self._positions(slot))
+        return actions
+
+    def _remove_ticket(self, slot: _Slot, ticket: Ticket) -> None:
+        ticket.done = True
+        ticket.next_attempt_at = None
+        ticket.next_heartbeat_at = None
+        self._tickets.pop(ticket.id, None)
+        try:
+            slot.queue.remove(ticket)
+        except ValueError:
+            pass
+
+    def _serve_next(self, slot: _Slot, now: float) -> list[Action]:
+        """Let the head of the queue try the store, unless the lock is still busy here."""
+        actions: list[Action] = []
+        if slot.holder is None and not slot.releasing and slot.queue:
+            head = slot.queue[0]
+            if not head.attempt_in_flight:
+                actions.append(self._attempt(head, now))
+        elif slot.holder is not None and slot.queue:
+            actions.extend(self._heartbeat(slot.queue[0], now))
+        actions.extend(self._positions(slot))
+        return actions
+
+    def _end(self, held: HeldLease, outcome: Outcome, now: float) -> list[Action]:
+        slot = self._slot(held.lock)
+        self._leases.pop(held.lease_id, None)
+        if slot.holder is held:
+            slot.holder = None
+        slot.releasing = True
+        return [Ended(held, outcome), Release(held, outcome)]
+
+    def _lose(
+        self, held: HeldLease, error: LeaseLost, now: float, release_in_store: bool
+    ) -> list[Action]:
+        """Stop claiming a lease and tell its holder; serve the queue.
+
+        With ``release_in_store`` the store is asked to free the lease if it is
+        still ours (it is, when only our renewals failed), so others need not
+        wait for its TTL once the store answers again.
+        """
+        held.lost = True
+        slot = self._slot(held.lock)
+        self._leases.pop(held.lease_id, None)
+        if slot.holder is held:
+            slot.holder = None
+        outcome = Outcome(OutcomeStatus.LOST, detail=str(error))
+        actions: list[Action] = [Lost(held, error), Ended(held, outcome)]
+        if release_in_store:
+            slot.releasing = True
+            actions.append(Release(held, outcome))
+        else:
+            actions.extend(self._serve_next(slot, now))
+        return actions
+
+    def _position(self, slot: _Slot, ticket: Ticket) -> Position:
+        index = next((i for i, queued in enumerate(slot.queue) if queued is ticket), 0)
+        position = index + 1 + slot.queue[0].queued_ahead_in_store if slot.queue else 1
+        return Position(ticket, position, self._holder_for(ticket))
+
+    def _positions(self, slot: _Slot) -> list[Action]:
+        return [self._position(slot, ticket) for ticket in slot.queue if ticket.waits()]
+
+    def _holder_for(self, ticket: Ticket) -> Lease | None:
+        slot = self._slots.get(ticket.lock)
+        if slot is not None and slot.holder is not None:
+            return slot.holder.lease
+        if slot is not None and slot.queue and slot.queue[0].last_seen is not None:
+            return slot.queue[0].last_seen.lease
+        return ticket.last_seen.lease if ticket.last_seen else None
+
+    def _busy_here(self, slot: _Slot) -> LockBusy:
+        if slot.holder is not None:
+            lease = slot.holder.lease
+            state = LockState(slot.name, lease.token, lease)
+            return LockBusy(busy_message(slot.name, lease), state)
+        ahead = len(slot.queue)
+        return LockBusy(
+            f"{slot.name} is busy: {ahead} caller(s) of this daemon are queued for it; "
+            "retry with --wait DURATION to queue behind them"
+        )
+
+    def _busy_error(self, result: Busy) -> LockBusy:
+        lease = result.state.lease
+        if lease is not None and not lease.expired:
+            return LockBusy(busy_message(result.state.lock, lease), result.state)
+        return LockBusy(
+            f"{result.state.lock} is free but {result.queued_ahead} waiter(s) are queued for it; "
+            "retry with --wait DURATION to queue behind them",
+            result.state,
+        )
+
+
+def _describe(lease: Lease) -> str:
+    return f"{lease.owner.user}@{lease.owner.host}"
+
+
+def busy_message(lock: str, lease: Lease) -> str:
+    """Return the one-line message for a lock held by ``lease``, naming holder, host, since and reason."""
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(lease.acquired_at))
+    held_for = format_duration(max(0.0, time.time() - lease.acquired_at))
+    reason = f", reason: {lease.purpose.reason!r}" if lease.purpose.reason else ""
+    commit = f", commit {lease.purpose.commit}" if lease.purpose.commit else ""
+    return (
+        f"{lock} is locked by {lease.owner.user} on {lease.owner.host} since {since} "
+        f"({held_for}{commit}{reason}, session {lease.holder}); "
+        "wait for it with --wait DURATION, or see 'deployd status'"
+    )

@@ -1,0 +1,367 @@
+"""The daemon's lifecycle: start, serve, stop.
+
+Start: check the socket directory, take the daemon lock, reclaim a stale
+socket file, open the store, resume the leases the previous daemon kept,
+listen. Stop (SIGTERM or SIGINT): stop accepting, release the leases whose
+holders are gone, keep the others for the next daemon, remove the socket,
+exit 0.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+
+import anyio
+from anyio.abc import SocketListener
+
+from deployd import __version__
+from deployd.config import Config
+from deployd.coordinator import HeldLease
+from deployd.errors import ConfigError, DeploydError, StoreError
+from deployd.handlers import DaemonInfo, Ops
+from deployd.models import Outcome, OutcomeStatus
+from deployd.processes import is_alive
+from deployd.server import Server
+from deployd.service import Binding, LeaseService
+from deployd.sessions import new_daemon_id, short_hostname
+from deployd.state import KeptLease, LocalState
+from deployd.stores import create_store
+from deployd_client import exitcodes, paths
+
+logger = logging.getLogger("deployd.daemon")
+
+# How long a starting daemon waits for a stopping one to let go of the
+# daemon lock (a restart), before it gives up.
+LOCK_WAIT = 10.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start; carries the exit code and a message with the fix."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        self.exit_code = exit_code
+        super().__init__(message)
+
+
+def check_socket_dir(directory: str) -> None:
+    """Create the socket directory with mode 0700, or check that an existing one is private."""
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        info = os.stat(directory)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot create the socket directory {directory}: {exc.strerror}; "
+            "set DEPLOYD_SOCKET to a path in a directory you own",
+            exitcodes.NO_PERMISSION,
+        ) from exc
+    if info.st_uid != os.getuid():
+        raise StartupError(
+            f"socket directory {directory} belongs to uid {info.st_uid}, not to you "
+            f"(uid {os.getuid()}); remove it or set DEPLOYD_SOCKET to a path in a directory you own",
+            exitcodes.NO_PERMISSION,
+        )
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise StartupError(
+            f"socket directory {directory} is open to other users "
+            f"(mode {stat.S_IMODE(info.st_mode):o}); run 'chmod 700 {directory}'",
+            exitcodes.NO_PERMISSION,
+        )
+
+
+def _answers(path: str) -> bool:
+    """Return whether a daemon accepts connections on ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        with paths.socket_address(path) as address:
+            probe.connect(address)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def take_daemon_lock(directory: str, socket_path: str, wait: float = LOCK_WAIT) -> int:
+    """Take the exclusive lock that makes this the only daemon on the socket directory.
+
+    A daemon that answers on the socket means another daemon runs: refuse.
+    A lock held by a daemon that does not answer is one that is stopping: wait
+    for it up to ``wait`` seconds. Returns the lock file's descriptor, which
+    must stay open for the daemon's lifetime.
+    """
+    lock_path = os.path.join(directory, "deployd.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        else:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        if _answers(socket_path) or time.monotonic() >= deadline:
+            os.close(fd)
+            raise StartupError(
+                f"another deployd daemon already runs on {socket_path}; "
+                "stop it first ('kill $(cat " + lock_path + ")') or use it as it is",
+                exitcodes.BUSY,
+            )
+        time.sleep(0.05)
+
+
+def reclaim_socket(path: str) -> None:
+    """Remove a socket file that no daemon listens on; refuse to touch anything else."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise StartupError(
+            f"{path} exists and is not a socket; move it away or set DEPLOYD_SOCKET elsewhere",
+            exitcodes.CONFIG,
+        )
+    if _answers(path):
+        raise StartupError(f"another deployd daemon already answers on {path}", exitcodes.BUSY)
+    logger.info("removing stale socket file %s left by a daemon that is gone", path)
+    os.unlink(path)
+
+
+def bind_listener(path: str) -> socket.socket:
+    """Create the listening socket with mode 0600 (set at creation by the umask)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        with paths.socket_address(path) as address:
+            sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(
+            f"cannot listen on {path}: {exc.strerror}", exitcodes.NO_PERMISSION
+        ) from exc
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+class Daemon:
+    """One run of the daemon on one socket."""
+
+    def __init__(self, config: Config, socket_path: str) -> None:
+        self.config = config
+        self.socket_path = socket_path
+        self.daemon_id = new_daemon_id(short_hostname())
+        self._stop: anyio.Event | None = None
+        self._stop_requested = False
+
+    def request_stop(self) -> None:
+        """Ask the daemon to stop as on SIGTERM."""
+        self._stop_requested = True
+        if self._stop is not None:
+            self._stop.set()
+
+    async def run(self, ready: Callable[[], None] | None = None) -> int:
+        """Serve until SIGTERM or SIGINT; return the exit code."""
+        self._stop = anyio.Event()
+        if self._stop_requested:
+            self._stop.set()
+        directory = os.path.dirname(self.socket_path)
+        with ExitStack() as cleanup:
+            check_socket_dir(directory)
+            lock_fd = await anyio.to_thread.run_sync(take_daemon_lock, directory, self.socket_path)
+            cleanup.callback(os.close, lock_fd)
+            reclaim_socket(self.socket_path)
+
+            store = create_store(self.config)
+            try:
+                await store.open()
+            except StoreError as exc:
+                raise StartupError(
+                    f"cannot open the lease store: {exc}", exitcodes.UNAVAILABLE
+                ) from exc
+            state = LocalState(os.path.join(self.config.state_dir, "daemon.sqlite3"))
+            cleanup.callback(state.close)
+
+            service = LeaseService(self.config, store, self.daemon_id)
+            info = DaemonInfo(
+                daemon_id=self.daemon_id,
+                socket_path=self.socket_path,
+                config_file=self.config.file,
+                store_kind=store.kind,
+                store_location=_store_location(self.config),
+            )
+            server = Server(Ops(service, info).table(), on_close=service.unbind_connection)
+            try:
+                await self._serve(service, server, state, ready)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await store.aclose()
+        logger.info("daemon stopped: daemon_id=%s", self.daemon_id)
+        return exitcodes.OK
+
+    async def _serve(
+        self,
+        service: LeaseService,
+        server: Server,
+        state: LocalState,
+        ready: Callable[[], None] | None,
+    ) -> None:
+        async with anyio.create_task_group() as task_group:
+            await task_group.start(service.run)
+            await self._resume(service, state)
+
+            raw = bind_listener(self.socket_path)
+            listener = await SocketListener.from_socket(raw)
+            async with anyio.create_task_group() as connections:
+                connections.start_soon(server.serve, listener, connections)
+                task_group.start_soon(self._watch_signals)
+                logger.info(
+                    "daemon started: version=%s pid=%d daemon_id=%s socket=%s store=%s",
+                    __version__,
+                    os.getpid(),
+                    self.daemon_id,
+                    self.socket_path,
+                    service.store.kind,
+                )
+                if ready is not None:
+                    ready()
+                assert self._stop is not None
+                await self._stop.wait()
+
+                logger.info("stopping: no new connections")
+                await listener.aclose()
+                kept = await service.stop()
+                state.save_kept([_kept_record(held, binding) for held, binding in kept])
+                _remove_socket(self.socket_path)
+                connections.cancel_scope.cancel()
+            task_group.cancel_scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    logger.info("SIGHUP received; configuration reload is not supported yet")
+                    continue
+                logger.info("received %s", signal.Signals(signum).name)
+                self.request_stop()
+                return
+
+    async def _resume(self, service: LeaseService, state: LocalState) -> None:
+        """Resume leases kept by the previous daemon whose holders still run."""
+        boot_id = LocalState.boot_id()
+        now = time.monotonic()
+        for kept in state.take_kept():
+            lease = kept.lease
+            alive = tuple(identity for identity in kept.processes if is_alive(identity))
+            valid = kept.boot_id == boot_id and now < kept.confirmed_at + kept.timings.ttl
+            if alive and valid:
+                held = HeldLease(
+                    lease=lease,
+                    timings=kept.timings,
+                    binding=None,
+                    confirmed_at=kept.confirmed_at,
+                    next_renew_at=now,
+                    granted_at=now,
+                    waited=kept.waited,
+                    takeover=kept.takeover,
+                )
+                binding = Binding(lease_id=lease.holder, kind=kept.binding_kind)
+                binding.processes = {identity.pid: identity for identity in alive}
+                service.adopt(held, binding)
+                continue
+            why = "its holder exited" if not alive else "it expired while no daemon renewed it"
+            logger.info(
+                "not resuming kept lease: lock=%s session=%s: %s", lease.lock, lease.holder, why
+            )
+            if valid:
+                outcome = Outcome(OutcomeStatus.ABANDONED, detail=f"holder gone: {why}")
+                try:
+                    with anyio.fail_after(self.config.store.timeout):
+                        await service.store.release(lease, outcome)
+                except (StoreError, TimeoutError) as exc:
+                    logger.warning("release of a kept lease failed: lock=%s: %s", lease.lock, exc)
+
+
+def _kept_record(held: HeldLease, binding: Binding) -> KeptLease:
+    return KeptLease(
+        lease=held.lease,
+        timings=held.timings,
+        binding_kind=binding.kind,
+        processes=tuple(binding.processes.values()),
+        confirmed_at=held.confirmed_at,
+        boot_id=LocalState.boot_id(),
+        waited=held.waited,
+        takeover=held.takeover,
+    )
+
+
+def _remove_socket(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            logger.warning("cannot remove the socket file %s: %s", path, exc)
+
+
+def _store_location(config: Config) -> str:
+    if config.store.kind == "sqlite":
+        return config.store.sqlite_path(config.state_dir)
+    return f"{config.store.project or '(from environment)'}/{config.store.database}/{config.store.namespace}"
+
+
+def configure_logging(config: Config) -> None:
+    """Send log records to stderr, or to the configured file, at the configured level."""
+    handler: logging.Handler
+    if config.log.file:
+        os.makedirs(os.path.dirname(config.log.file), exist_ok=True)
+        handler = logging.FileHandler(config.log.file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log.level.upper())
+
+
+def serve_main(config_path: str | None = None) -> int:
+    """Run the daemon in the foreground; the entry point of ``deployd serve``."""
+    from deployd.config import load_config
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"deployd serve: {exc}", file=sys.stderr)
+        return exitcodes.CONFIG
+    configure_logging(config)
+    socket_path = paths.socket_path()
+    try:
+        daemon = Daemon(config, socket_path)
+        return anyio.run(daemon.run)
+    except StartupError as exc:
+        logger.error("cannot start: %s", exc)
+        print(f"deployd serve: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except paths.SocketPathTooLong as exc:
+        print(f"deployd serve: {exc}", file=sys.stderr)
+        return exitcodes.CONFIG
+    except DeploydError as exc:
+        logger.error("cannot start: %s", exc)
+        print(f"deployd serve: {exc}", file=sys.stderr)
+        return exitcodes.for_error_code(exc.code)
+    except KeyboardInterrupt:
+        return exitcodes.OK

@@ -1,0 +1,443 @@
+"""The protocol's ops: check each request's fields, call the lease service, shape the result."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from deployd import __version__
+from deployd.config import MAX_TTL, MIN_TTL
+from deployd.coordinator import HeldLease
+from deployd.errors import InvalidArgument, InvalidRequest, LeaseLost, NotHolder, StoreError
+from deployd.models import Outcome, Purpose
+from deployd.processes import ancestors, parent_pid
+from deployd.server import PROTOCOL_VERSIONS, Connection, Handler
+from deployd.service import AcquireSpec, LeaseService
+from deployd.sessions import short_hostname
+from deployd_client.durations import format_duration
+from deployd_client.names import lock_name_problem
+
+logger = logging.getLogger("deployd.handlers")
+
+MAX_WAIT = 7 * 86400.0
+MAX_TEXT = {"reason": 1000, "commit": 200, "revision": 200, "force_reason": 1000}
+STATUS_SCHEMA = 1
+
+
+@dataclass
+class DaemonInfo:
+    """Facts about this daemon run, for ``hello`` and ``status``."""
+
+    daemon_id: str
+    socket_path: str
+    config_file: str | None
+    store_kind: str
+    store_location: str
+    started_at: float = field(default_factory=time.time)
+    started_monotonic: float = field(default_factory=time.monotonic)
+    pid: int = field(default_factory=os.getpid)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the facts for the protocol."""
+        return {
+            "version": __version__,
+            "daemon_id": self.daemon_id,
+            "pid": self.pid,
+            "socket": self.socket_path,
+            "config_file": self.config_file,
+            "started_at": self.started_at,
+            "uptime": round(time.monotonic() - self.started_monotonic, 3),
+            "store": {"kind": self.store_kind, "location": self.store_location},
+        }
+
+
+class Params:
+    """Typed access to a request's fields, raising InvalidArgument that names the field."""
+
+    def __init__(self, request: dict[str, Any]) -> None:
+        self._request = request
+
+    def text(self, name: str, required: bool = False) -> str | None:
+        """Return a string field; control characters are rejected."""
+        value = self._request.get(name)
+        if value is None:
+            if required:
+                raise InvalidArgument(f"missing field {name!r}")
+            return None
+        if not isinstance(value, str):
+            raise InvalidArgument(f"{name} must be a string, got {_kind(value)} {value!r}")
+        limit = MAX_TEXT.get(name)
+        if limit is not None and len(value) > limit:
+            raise InvalidArgument(f"{name} is {len(value)} characters long; the maximum is {limit}")
+        if any(ord(char) < 32 or ord(char) == 127 for char in value):
+            raise InvalidArgument(
+                f"{name} {value!r} contains control characters; use one plain line"
+            )
+        return value
+
+    def lock(self, name: str = "lock") -> str:
+        """Return a required, valid lock name."""
+        value = self._request.get(name)
+        if value is None:
+            raise InvalidArgument(f"missing field {name!r}: name the lock, for example 'api'")
+        problem = lock_name_problem(value)
+        if problem:
+            raise InvalidArgument(problem)
+        assert isinstance(value, str)
+        return value
+
+    def integer(
+        self, name: str, minimum: int | None = None, maximum: int | None = None
+    ) -> int | None:
+        """Return an optional integer field within bounds."""
+        value = self._request.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidArgument(f"{name} must be an integer, got {_kind(value)} {value!r}")
+        if minimum is not None and value < minimum:
+            raise InvalidArgument(f"{name} must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise InvalidArgument(f"{name} must be at most {maximum}, got {value}")
+        return value
+
+    def seconds(
+        self, name: str, minimum: float, maximum: float, allow_zero: bool = False
+    ) -> float | None:
+        """Return an optional duration field in seconds within bounds."""
+        value = self._request.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidArgument(
+                f"{name} must be a number of seconds, got {_kind(value)} {value!r}"
+            )
+        seconds = float(value)
+        if allow_zero and seconds == 0:
+            return 0.0
+        if not minimum <= seconds <= maximum:
+            raise InvalidArgument(
+                f"{name} must be between {format_duration(minimum)} and {format_duration(maximum)}, "
+                f"got {value!r}"
+            )
+        return seconds
+
+    def flag(self, name: str) -> bool:
+        """Return an optional boolean field (default False)."""
+        value = self._request.get(name, False)
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"{name} must be true or false, got {_kind(value)} {value!r}")
+        return value
+
+
+def _kind(value: object) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(
+        type(value), "a number" if isinstance(value, int | float) else "null"
+    )
+
+
+def _user_of(connection: Connection) -> str:
+    uid = connection.peer.uid if connection.peer else os.getuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid{uid}"
+
+
+class Ops:
+    """The op handlers of one daemon, bound to its lease service."""
+
+    def __init__(self, service: LeaseService, info: DaemonInfo) -> None:
+        self.service = service
+        self.info = info
+        self.host = short_hostname()
+
+    def table(self) -> dict[str, Handler]:
+        """Return the handlers by op name."""
+        return {
+            "hello": self.hello,
+            "acquire": self.acquire,
+            "hold": self.hold,
+            "bind": self.bind,
+            "release": self.release,
+            "status": self.status,
+            "locks": self.locks,
+        }
+
+    async def hello(self, connection: Connection, request: dict[str, Any]) -> dict[str, Any]:
+        """Return the protocol versions, the daemon's identity and its store."""
+        return {"versions": list(PROTOCOL_VERSIONS), **self.info.to_json()}
+
+    # --- acquire and hold ---
+
+    def _spec(self, connection: Connection, request: dict[str, Any], kind: str) -> AcquireSpec:
+        params = Params(request)
+        lock = params.lock()
+        ttl = params.seconds("ttl", MIN_TTL, MAX_TTL)
+        wait = params.seconds("wait", 0.001, MAX_WAIT, allow_zero=True)
+        pid = params.integer("pid", minimum=1)
+        force = params.flag("force")
+        force_reason = params.text("force_reason")
+        if force and not force_reason:
+            raise InvalidArgument("force needs a force_reason saying why the lock is taken")
+        if pid is None and kind == "process":
+            peer_pid = connection.peer_pid
+            pid = parent_pid(peer_pid) if peer_pid else None
+            if pid is None:
+                raise InvalidArgument("missing field 'pid': the process the lease is bound to")
+        return AcquireSpec(
+            lock=lock,
+            user=_user_of(connection),
+            host=self.host,
+            pid=pid,
+            ttl=ttl,
+            wait=wait or None,
+            purpose=Purpose(commit=params.text("commit"), reason=params.text("reason")),
+            force=force,
+            force_reason=force_reason,
+            kind=kind,
+        )
+
+    async def acquire(self, connection: Connection, request: dict[str, Any]) -> dict[str, Any]:
+        """Take a lock bound to a process (by default the client's parent shell)."""
+        spec = self._spec(connection, request, "process")
+        held = await self._acquire(connection, spec, request)
+        return self._lease_result(held)
+
+    async def hold(self, connection: Connection, request: dict[str, Any]) -> dict[str, Any]:
+        """Take a lock bound to this connection, or re-attach to a kept lease (``attach``)."""
+        attach = Params(request).text("attach")
+        if attach is not None:
+            held = self.service.bind_connection(attach, connection)
+            connection.bound_leases.add(held.lease_id)
+            logger.info("client re-attached: lock=%s session=%s", held.lock, held.lease_id)
+            return self._lease_result(held)
+        spec = self._spec(connection, request, "connection")
+        held = await self._acquire(connection, spec, request)
+        return self._lease_result(held)
+
+    async def _acquire(
+        self, connection: Connection, spec: AcquireSpec, request: dict[str, Any]
+    ) -> HeldLease:
+        request_id = request.get("id")
+
+        def emit(event: dict[str, Any]) -> None:
+            connection.push({**event, "id": request_id})
+
+        held = await self.service.acquire(spec, emit)
+        if spec.kind == "connection":
+            self.service.bind_connection(held.lease_id, connection)
+            connection.bound_leases.add(held.lease_id)
+        return held
+
+    async def bind(self, connection: Connection, request: dict[str, Any]) -> dict[str, Any]:
+        """Bind a held lease to one more process: the command ``deployd run`` started."""
+        params = Params(request)
+        lease_id = params.text("lease_id", required=True)
+        pid = params.integer("pid", minimum=1)
+        if pid is None:
+            raise InvalidArgument("missing field 'pid': the process to bind the lease to")
+        assert lease_id is not None
+        self._check_owner(connection, lease_id, lease_id_given=True)
+        held = self.service.bind_process(lease_id, pid)
+        return self._lease_result(held)
+
+    def _lease_result(self, held: HeldLease) -> dict[str, Any]:
+        binding = self.service.binding(held.lease_id)
+        return {
+            "lease": held.lease.to_json(),
+            "lease_id": held.lease_id,
+            "lock": held.lock,
+            "token": held.lease.token,
+            "takeover": str(held.takeover),
+            "waited": round(held.waited, 3),
+            "timings": {
+                "ttl": held.timings.ttl,
+                "renew_every": held.timings.renew_every,
+                "renew_deadline": held.timings.renew_deadline,
+            },
+            "binding": binding.to_json() if binding else None,
+        }
+
+    # --- release ---
+
+    async def release(self, connection: Connection, request: dict[str, Any]) -> dict[str, Any]:
+        """End a lease named by ``lease_id`` or by ``lock``, recording the outcome."""
+        params = Params(request)
+        lease_id = params.text("lease_id")
+        lock = params.lock() if request.get("lock") is not None else None
+        if lease_id is None and lock is None:
+            raise InvalidArgument("name the lease to release: give lease_id or lock")
+        exit_code = params.integer("exit_code", minimum=0, maximum=255)
+        revision = params.text("revision")
+        outcome = Outcome.from_exit_code(exit_code, revision)
+
+        if lease_id is not None:
+            held = self.service.coordinator.lease(lease_id)
+            if held is None:
+                return await self._release_unknown(lease_id, lock)
+            if lock is not None and held.lock != lock:
+                raise InvalidArgument(f"lease {lease_id} is on {held.lock}, not on {lock}")
+            self._check_owner(connection, lease_id, lease_id_given=True)
+        else:
+            assert lock is not None
+            held_here = self.service.holder_of(lock)
+            if held_here is None:
+                return await self._release_not_here(lock)
+            self._check_owner(connection, held_here.lease_id, lease_id_given=False)
+            lease_id = held_here.lease_id
+
+        lease = self.service.release(lease_id, outcome)
+        connection.bound_leases.discard(lease_id)
+        return {
+            "released": True,
+            "lock": lease.lock,
+            "lease_id": lease_id,
+            "outcome": str(outcome.status),
+        }
+
+    def _check_owner(self, connection: Connection, lease_id: str, lease_id_given: bool) -> None:
+        """Allow a change to a lease only by its holder.
+
+        The holder is whoever names the lease id (it is handed only to the
+        holder, in DEPLOYD_LEASE_ID), a client on a connection bound to the
+        lease, or a process running under one of the lease's bound processes.
+        """
+        if lease_id_given or lease_id in connection.bound_leases:
+            return
+        binding = self.service.binding(lease_id)
+        peer_pid = connection.peer_pid
+        if binding is not None and peer_pid is not None:
+            lineage = {peer_pid, *ancestors(peer_pid)}
+            if lineage & set(binding.processes):
+                return
+        held = self.service.coordinator.lease(lease_id)
+        lock = held.lock if held else "the lock"
+        owner = held.lease.owner if held else None
+        holder = (
+            f"{owner.user} on {owner.host} (pid {owner.pid}, session {lease_id})"
+            if owner
+            else lease_id
+        )
+        raise NotHolder(
+            f"{lock} is held by {holder}, not by this shell; release it from the shell that "
+            f"took it, name the lease id (deployd release {lease_id}), or take it with "
+            f"'deployd force-unlock {lock} --reason TEXT'"
+        )
+
+    async def _release_unknown(self, lease_id: str, lock: str | None) -> dict[str, Any]:
+        ended = self.service.ended(lease_id)
+        if ended is None:
+            raise NotHolder(f"no lease {lease_id} is held by this daemon; see 'deployd status'")
+        if ended.error is None:
+            return {
+                "released": False,
+                "lock": ended.lock,
+                "lease_id": lease_id,
+                "outcome": str(ended.outcome.status),
+                "message": f"lease {lease_id} on {ended.lock} had already ended ({ended.outcome.status})",
+            }
+        raise await self._lost_error(ended.lock, ended.error)
+
+    async def _lost_error(self, lock: str, error: LeaseLost) -> LeaseLost:
+        """Return a LeaseLost whose message names the lock's current holder."""
+        current = error.current
+        if current is None:
+            try:
+                with anyio.fail_after(self.service.config.store.timeout):
+                    current = await self.service.store.inspect(lock)
+            except (StoreError, TimeoutError):
+                current = None
+        lease = current.lease if current else None
+        if lease is not None and not lease.expired:
+            now_held = (
+                f"; {lock} is now held by {lease.owner.user} on {lease.owner.host} "
+                f"(session {lease.holder}, token {lease.token}), which was left untouched"
+            )
+        else:
+            now_held = f"; {lock} is not held by anyone now"
+        return LeaseLost(lock, f"{error}{now_held}", current)
+
+    async def _release_not_here(self, lock: str) -> dict[str, Any]:
+        state = await self._inspect(lock)
+        lease = state.lease if state else None
+        if lease is not None and not lease.expired:
+            raise NotHolder(
+                f"{lock} is held by {lease.owner.user} on {lease.owner.host} "
+                f"(session {lease.holder}), not by this daemon's callers; "
+                f"to take it anyway: deployd force-unlock {lock} --reason TEXT"
+            )
+        return {
+            "released": False,
+            "lock": lock,
+            "message": f"{lock} was not held; nothing to release",
+        }
+
+    async def _inspect(self, lock: str) -> Any:
+        with anyio.fail_after(self.service.config.store.timeout + 1):
+            return await self.service.store.inspect(lock)
+
+    # --- status ---
+
+    async def locks(self, connection: Connection, request: dict[str, Any]) -> dict[str, Any]:
+        """Return every lock in the store with its lease and waiters."""
+        with anyio.fail_after(self.service.config.store.timeout + 1):
+            states = await self.service.store.list_locks()
+        return {"schema": STATUS_SCHEMA, "locks": [state.to_json() for state in states]}
+
+    async def status(self, connection: Connection, request: dict[str, Any]) -> dict[str, Any]:
+        """Return the daemon, the store, every lock and this daemon's leases and queues."""
+        store: dict[str, Any] = {"kind": self.info.store_kind, "location": self.info.store_location}
+        locks: list[dict[str, Any]] = []
+        started = time.monotonic()
+        try:
+            with anyio.fail_after(self.service.config.store.timeout + 1):
+                states = await self.service.store.list_locks()
+            store["reachable"] = True
+            locks = [state.to_json() for state in states]
+        except (StoreError, TimeoutError) as exc:
+            store["reachable"] = False
+            store["error"] = str(exc) or "timed out"
+        store["latency"] = round(time.monotonic() - started, 4)
+
+        now = time.monotonic()
+        for entry in locks:
+            entry["local_queue"] = [
+                {
+                    "session_id": ticket.session_id,
+                    "user": ticket.owner.user,
+                    "pid": ticket.owner.pid,
+                    "waiting_for": round(now - ticket.arrived_at, 3),
+                }
+                for ticket in self.service.local_queue(entry["lock"])
+            ]
+        leases = []
+        for held in self.service.held_leases():
+            binding = self.service.binding(held.lease_id)
+            leases.append(
+                {
+                    "lock": held.lock,
+                    "lease_id": held.lease_id,
+                    "token": held.lease.token,
+                    "binding": binding.to_json() if binding else None,
+                    "last_renewal_age": round(now - held.confirmed_at, 3),
+                    "renew_failures": held.renew_failures,
+                    "ttl": held.timings.ttl,
+                }
+            )
+        return {
+            "schema": STATUS_SCHEMA,
+            "daemon": self.info.to_json(),
+            "store": store,
+            "locks": locks,
+            "leases": leases,
+        }
+
+
+__all__ = ["DaemonInfo", "InvalidRequest", "Ops"]

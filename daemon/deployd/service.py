@@ -1,0 +1,643 @@
+"""The lease manager's I/O: runs the Coordinator's actions against the store.
+
+LeaseService is what the socket server talks to. It turns requests into
+tickets for the Coordinator, performs the store calls the Coordinator asks
+for in background tasks, feeds their results back, answers waiting callers,
+and watches what each lease is bound to (connections and processes).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from deployd.config import Config, LeaseTimings
+from deployd.coordinator import (
+    Action,
+    Attempt,
+    Coordinator,
+    Dequeue,
+    Ended,
+    Enqueue,
+    Grant,
+    HeldLease,
+    Lost,
+    Position,
+    Refuse,
+    Release,
+    Renew,
+    Ticket,
+)
+from deployd.errors import (
+    DeploydError,
+    InvalidArgument,
+    LeaseLost,
+    NotHolder,
+    ShuttingDown,
+    StoreError,
+)
+from deployd.models import Lease, Outcome, OutcomeStatus, Owner, Purpose
+from deployd.processes import ProcessIdentity, identify, is_alive, wait_for_exit
+from deployd.sessions import new_acquisition_id, new_session_id
+from deployd.stores.base import LeaseStore
+
+logger = logging.getLogger("deployd.leases")
+
+# How many ended leases are remembered, so that a late release or re-attach
+# learns what happened to its lease instead of "unknown lease".
+ENDED_LEASES_KEPT = 1000
+
+EventSink = Callable[[dict[str, Any]], None]
+
+
+@dataclass(eq=False)
+class Binding:
+    """What keeps a lease alive: open connections and live processes.
+
+    The lease ends when the last of them is gone. ``watchers`` holds the
+    cancel scope of each process watcher, by pid.
+    """
+
+    lease_id: str
+    kind: str
+    connections: set[Any] = field(default_factory=set)
+    processes: dict[int, ProcessIdentity] = field(default_factory=dict)
+    watchers: dict[int, anyio.CancelScope] = field(default_factory=dict)
+
+    def empty(self) -> bool:
+        """Return whether nothing keeps the lease alive any more."""
+        return not self.connections and not self.processes
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the binding for ``status``."""
+        return {
+            "kind": self.kind,
+            "connections": len(self.connections),
+            "pids": sorted(self.processes),
+        }
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A caller waiting for its ticket to be granted or refused."""
+
+    ticket: Ticket
+    emit: EventSink
+    done: anyio.Event = field(default_factory=anyio.Event)
+    held: HeldLease | None = None
+    error: DeploydError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EndedLease:
+    """What is remembered of a lease after it ended."""
+
+    lock: str
+    outcome: Outcome
+    error: LeaseLost | None
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireSpec:
+    """A validated acquire or hold request."""
+
+    lock: str
+    user: str
+    host: str
+    pid: int | None
+    ttl: float | None
+    wait: float | None
+    purpose: Purpose
+    force: bool = False
+    force_reason: str | None = None
+    kind: str = "process"
+
+
+class LeaseService:
+    """Grant, renew and release leases for the daemon's callers."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: LeaseStore,
+        daemon_id: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.daemon_id = daemon_id
+        self._clock = clock
+        self.coordinator = Coordinator(
+            poll_interval=config.store.effective_poll_interval(),
+            new_acquisition_id=new_acquisition_id,
+        )
+        self._pending: dict[int, _Pending] = {}
+        self._bindings: dict[str, Binding] = {}
+        self._ended: OrderedDict[str, EndedLease] = OrderedDict()
+        self._wakeup = anyio.Event()
+        self._task_group: TaskGroup | None = None
+        self._stopping = False
+        self._store_calls = 0
+
+    # --- lifecycle ---
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the timer loop and the store calls until cancelled."""
+        async with anyio.create_task_group() as task_group:
+            self._task_group = task_group
+            task_status.started()
+            while True:
+                self._execute(self.coordinator.tick(self._clock()))
+                deadline = self.coordinator.next_deadline()
+                delay = math.inf if deadline is None else max(0.0, deadline - self._clock())
+                with anyio.move_on_after(delay):
+                    await self._wakeup.wait()
+                self._wakeup = anyio.Event()
+
+    def update_config(self, config: Config) -> None:
+        """Apply a reloaded config; it affects leases granted from now on."""
+        self.config = config
+
+    # --- requests ---
+
+    def timings(self, ttl: float | None) -> LeaseTimings:
+        """Return the timings for a lease of ``ttl`` seconds, or of the configured TTL."""
+        return self.config.lease.timings(ttl)
+
+    async def acquire(self, spec: AcquireSpec, emit: EventSink) -> HeldLease:
+        """Wait for the lock as ``spec`` asks; return the held lease or raise why not.
+
+        The lease is bound to ``spec.pid`` (when given) from the moment it is
+        granted. If the caller is cancelled while waiting, its ticket is
+        withdrawn; a grant that arrives afterwards is released again.
+        """
+        if self._stopping:
+            raise ShuttingDown("the daemon is stopping; retry in a moment")
+        now = self._clock()
+        identity = None
+        if spec.pid is not None:
+            identity = _identify_or_raise(spec.pid)
+        binding = Binding(lease_id="", kind=spec.kind)
+        if identity is not None:
+            binding.processes[identity.pid] = identity
+
+        session_id = new_session_id(spec.user, spec.host)
+        binding.lease_id = session_id
+        ticket = Ticket(
+            id=self.coordinator.next_ticket_id(),
+            lock=spec.lock,
+            session_id=session_id,
+            owner=Owner(spec.user, spec.host, spec.pid, self.daemon_id),
+            purpose=spec.purpose,
+            timings=self.timings(spec.ttl),
+            arrived_at=now,
+            wait_until=None if not spec.wait else now + spec.wait,
+            force=spec.force,
+            force_reason=spec.force_reason,
+            binding=binding,
+        )
+        pending = _Pending(ticket, emit)
+        self._pending[ticket.id] = pending
+        logger.info(
+            "acquire requested: lock=%s session=%s wait=%s force=%s",
+            spec.lock,
+            session_id,
+            spec.wait,
+            spec.force,
+        )
+        self._execute(self.coordinator.submit(ticket, now))
+        try:
+            await pending.done.wait()
+        finally:
+            if not pending.done.is_set():
+                self._pending.pop(ticket.id, None)
+                self._execute(self.coordinator.cancel(ticket.id, self._clock()))
+                logger.info("acquire withdrawn: lock=%s session=%s", spec.lock, session_id)
+        if pending.error is not None:
+            raise pending.error
+        assert pending.held is not None
+        return pending.held
+
+    def release(self, lease_id: str, outcome: Outcome) -> Lease:
+        """End a lease held here; raise LeaseLost or NotHolder when it is not."""
+        held = self.coordinator.lease(lease_id)
+        if held is None:
+            raise self._not_held_error(lease_id)
+        logger.info(
+            "release requested: lock=%s session=%s outcome=%s",
+            held.lock,
+            lease_id,
+            outcome.status,
+        )
+        self._execute(self.coordinator.release(lease_id, outcome, self._clock()))
+        return held.lease
+
+    def ended(self, lease_id: str) -> EndedLease | None:
+        """Return what happened to a lease that has ended, if it is still remembered."""
+        return self._ended.get(lease_id)
+
+    def _not_held_error(self, lease_id: str) -> DeploydError:
+        ended = self._ended.get(lease_id)
+        if ended is not None and ended.error is not None:
+            return ended.error
+        if ended is not None:
+            return NotHolder(
+                f"lease {lease_id} on {ended.lock} already ended ({ended.outcome.status}); "
+                "nothing to release"
+            )
+        return NotHolder(f"no lease {lease_id} is held by this daemon; see 'deployd status'")
+
+    def binding(self, lease_id: str) -> Binding | None:
+        """Return what the lease is bound to."""
+        return self._bindings.get(lease_id)
+
+    def bind_connection(self, lease_id: str, connection: Any) -> HeldLease:
+        """Bind a held lease to an open connection (hold, or re-attach after a restart)."""
+        held = self.coordinator.lease(lease_id)
+        if held is None:
+            raise self._not_held_error(lease_id)
+        self._bindings[lease_id].connections.add(connection)
+        return held
+
+    def bind_process(self, lease_id: str, pid: int) -> HeldLease:
+        """Bind a held lease to one more process, such as the command ``deployd run`` started."""
+        held = self.coordinator.lease(lease_id)
+        if held is None:
+            raise self._not_held_error(lease_id)
+        identity = _identify_or_raise(pid)
+        binding = self._bindings[lease_id]
+        if identity.pid not in binding.processes:
+            binding.processes[identity.pid] = identity
+            self._watch(binding, identity)
+        return held
+
+    def unbind_connection(self, connection: Any) -> None:
+        """Forget a closed connection; end the leases it was the last thing keeping alive."""
+        for binding in list(self._bindings.values()):
+            if connection in binding.connections:
+                binding.connections.discard(connection)
+                self._end_if_unbound(binding, "its client connection closed")
+
+    # --- queries ---
+
+    def holder_of(self, lock: str) -> HeldLease | None:
+        """Return this daemon's lease on ``lock``, if any."""
+        return self.coordinator.holder_of(lock)
+
+    def local_queue(self, lock: str) -> list[Ticket]:
+        """Return the callers queued here for ``lock``."""
+        return self.coordinator.queue(lock)
+
+    def held_leases(self) -> list[HeldLease]:
+        """Return the leases this daemon holds."""
+        return self.coordinator.leases()
+
+    @property
+    def store_calls(self) -> int:
+        """Return how many store calls this daemon has made (for benchmarks)."""
+        return self._store_calls
+
+    # --- restart ---
+
+    def adopt(self, held: HeldLease, binding: Binding) -> None:
+        """Resume a lease kept by the previous daemon; it is renewed at once."""
+        binding.lease_id = held.lease_id
+        held.binding = binding
+        self._bindings[held.lease_id] = binding
+        self._execute(self.coordinator.adopt(held))
+        for identity in binding.processes.values():
+            self._watch(binding, identity)
+        logger.info(
+            "lease resumed after restart: lock=%s session=%s token=%d pids=%s",
+            held.lock,
+            held.lease_id,
+            held.lease.token,
+            sorted(binding.processes),
+        )
+        self._wake()
+
+    async def stop(self) -> list[tuple[HeldLease, Binding]]:
+        """Stop taking requests; release leases whose holders are gone; return the others.
+
+        The returned leases are neither released nor renewed any more: the
+        caller stores them for the next daemon, which resumes them, or they
+        expire after their TTL.
+        """
+        self._stopping = True
+        for pending in list(self._pending.values()):
+            self._execute(self.coordinator.cancel(pending.ticket.id, self._clock()))
+            self._answer(pending, error=ShuttingDown("the daemon is stopping; retry in a moment"))
+
+        kept: list[tuple[HeldLease, Binding]] = []
+        releases: list[HeldLease] = []
+        for held in self.coordinator.leases():
+            binding = self._bindings.get(held.lease_id)
+            alive = binding is not None and any(is_alive(p) for p in binding.processes.values())
+            if alive and binding is not None:
+                kept.append((held, binding))
+            else:
+                releases.append(held)
+
+        with anyio.move_on_after(self.config.store.timeout):
+            async with anyio.create_task_group() as task_group:
+                for held in releases:
+                    outcome = Outcome(
+                        OutcomeStatus.ABANDONED, detail="holder gone when the daemon stopped"
+                    )
+                    task_group.start_soon(self._release_at_stop, held, outcome)
+        for held, binding in kept:
+            for scope in binding.watchers.values():
+                scope.cancel()
+            logger.info(
+                "lease kept for the next daemon: lock=%s session=%s pids=%s",
+                held.lock,
+                held.lease_id,
+                sorted(binding.processes),
+            )
+        return kept
+
+    async def _release_at_stop(self, held: HeldLease, outcome: Outcome) -> None:
+        try:
+            await self.store.release(held.lease, outcome)
+            logger.info("lease released at stop: lock=%s session=%s", held.lock, held.lease_id)
+        except StoreError as exc:
+            logger.warning(
+                "release at stop failed, the lease expires after its TTL: lock=%s session=%s: %s",
+                held.lock,
+                held.lease_id,
+                exc,
+            )
+
+    # --- action runner ---
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    def _spawn(self, function: Callable[..., Any], *args: Any) -> None:
+        assert self._task_group is not None, "LeaseService.run() is not running"
+        self._task_group.start_soon(function, *args)
+
+    def _execute(self, actions: list[Action]) -> None:
+        for action in actions:
+            match action:
+                case Attempt():
+                    self._spawn(self._attempt, action)
+                case Enqueue():
+                    self._spawn(self._enqueue, action)
+                case Dequeue():
+                    self._spawn(self._dequeue, action)
+                case Renew():
+                    self._spawn(self._renew, action)
+                case Release():
+                    self._spawn(self._release, action)
+                case Grant():
+                    self._granted(action)
+                case Refuse():
+                    self._refused(action)
+                case Position():
+                    self._position(action)
+                case Lost():
+                    self._lost(action)
+                case Ended():
+                    self._ended_lease(action)
+        self._wake()
+
+    async def _attempt(self, action: Attempt) -> None:
+        sent_at = self._clock()
+        self._store_calls += 1
+        result: Any
+        try:
+            result = await self.store.try_acquire(action.request)
+        except StoreError as exc:
+            logger.warning("acquire failed in the store: lock=%s: %s", action.ticket.lock, exc)
+            result = exc
+        except Exception as exc:
+            logger.exception("unexpected error from the store: lock=%s", action.ticket.lock)
+            result = StoreError(f"unexpected store error: {exc}")
+        self._execute(self.coordinator.attempt_done(action.ticket, result, sent_at, self._clock()))
+
+    async def _enqueue(self, action: Enqueue) -> None:
+        ticket = action.ticket
+        self._store_calls += 1
+        error: StoreError | None = None
+        try:
+            await self.store.enqueue(
+                ticket.lock, ticket.session_id, ticket.owner, ticket.purpose, ticket.timings.ttl
+            )
+        except StoreError as exc:
+            logger.warning(
+                "waiter entry not written: lock=%s session=%s: %s",
+                ticket.lock,
+                ticket.session_id,
+                exc,
+            )
+            error = exc
+        except Exception as exc:
+            logger.exception("unexpected error writing a waiter entry: lock=%s", ticket.lock)
+            error = StoreError(str(exc))
+        self._execute(self.coordinator.enqueue_done(ticket, error, self._clock()))
+
+    async def _dequeue(self, action: Dequeue) -> None:
+        self._store_calls += 1
+        try:
+            await self.store.dequeue(action.lock, action.waiter_id)
+        except Exception as exc:
+            logger.warning(
+                "waiter entry not removed, it expires by itself: lock=%s session=%s: %s",
+                action.lock,
+                action.waiter_id,
+                exc,
+            )
+
+    async def _renew(self, action: Renew) -> None:
+        held = action.held
+        sent_at = self._clock()
+        self._store_calls += 1
+        result: Any
+        try:
+            result = await self.store.renew(held.lease)
+        except LeaseLost as exc:
+            result = exc
+        except StoreError as exc:
+            logger.warning(
+                "renewal failed, retrying: lock=%s session=%s failures=%d: %s",
+                held.lock,
+                held.lease_id,
+                held.renew_failures + 1,
+                exc,
+            )
+            result = exc
+        except Exception as exc:
+            logger.exception(
+                "unexpected error renewing: lock=%s session=%s", held.lock, held.lease_id
+            )
+            result = StoreError(str(exc))
+        self._execute(self.coordinator.renew_done(held, result, sent_at, self._clock()))
+
+    async def _release(self, action: Release) -> None:
+        held = action.held
+        self._store_calls += 1
+        try:
+            released = await self.store.release(held.lease, action.outcome)
+            if not released and action.outcome.status is not OutcomeStatus.LOST:
+                logger.warning(
+                    "release found the lock no longer ours: lock=%s session=%s",
+                    held.lock,
+                    held.lease_id,
+                )
+        except Exception as exc:
+            logger.warning(
+                "release failed, the lease expires after its TTL: lock=%s session=%s: %s",
+                held.lock,
+                held.lease_id,
+                exc,
+            )
+        finally:
+            self._execute(self.coordinator.release_done(held.lock, self._clock()))
+
+    # --- answers and events ---
+
+    def _answer(
+        self, pending: _Pending, held: HeldLease | None = None, error: DeploydError | None = None
+    ) -> None:
+        self._pending.pop(pending.ticket.id, None)
+        pending.held = held
+        pending.error = error
+        pending.done.set()
+
+    def _granted(self, action: Grant) -> None:
+        held = action.held
+        binding = held.binding
+        assert isinstance(binding, Binding)
+        self._bindings[held.lease_id] = binding
+        for identity in binding.processes.values():
+            self._watch(binding, identity)
+        logger.info(
+            "lease granted: lock=%s session=%s token=%d takeover=%s waited=%.3fs",
+            held.lock,
+            held.lease_id,
+            held.lease.token,
+            held.takeover,
+            held.waited,
+        )
+        pending = self._pending.get(action.ticket.id)
+        if pending is None:
+            # The caller left; the coordinator has already released this grant.
+            return
+        self._answer(pending, held=held)
+
+    def _refused(self, action: Refuse) -> None:
+        logger.info(
+            "acquire refused: lock=%s session=%s: %s",
+            action.ticket.lock,
+            action.ticket.session_id,
+            action.error,
+        )
+        pending = self._pending.get(action.ticket.id)
+        if pending is not None:
+            self._answer(pending, error=action.error)
+
+    def _position(self, action: Position) -> None:
+        pending = self._pending.get(action.ticket.id)
+        if pending is None:
+            return
+        holder = action.holder
+        pending.emit(
+            {
+                "event": "queue_position",
+                "lock": action.ticket.lock,
+                "position": action.position,
+                "holder": holder.to_json() if holder is not None else None,
+                "waiting_for": round(self._clock() - action.ticket.arrived_at, 3),
+            }
+        )
+
+    def _lost(self, action: Lost) -> None:
+        held = action.held
+        new_holder = action.error.new_holder
+        logger.warning(
+            "lease lost: lock=%s session=%s token=%d new_holder=%s: %s",
+            held.lock,
+            held.lease_id,
+            held.lease.token,
+            new_holder.holder if new_holder else None,
+            action.error,
+        )
+        binding = self._bindings.get(held.lease_id)
+        if binding is None:
+            return
+        event = {
+            "event": "lease_lost",
+            "lock": held.lock,
+            "lease_id": held.lease_id,
+            "message": str(action.error),
+            "new_holder": new_holder.to_json() if new_holder else None,
+        }
+        for connection in list(binding.connections):
+            connection.push(event)
+
+    def _ended_lease(self, action: Ended) -> None:
+        held = action.held
+        binding = self._bindings.pop(held.lease_id, None)
+        if binding is not None:
+            for scope in binding.watchers.values():
+                scope.cancel()
+        error: LeaseLost | None = None
+        if action.outcome.status is OutcomeStatus.LOST:
+            error = LeaseLost(held.lock, action.outcome.detail or f"lease on {held.lock} was lost")
+        self._ended[held.lease_id] = EndedLease(held.lock, action.outcome, error)
+        while len(self._ended) > ENDED_LEASES_KEPT:
+            self._ended.popitem(last=False)
+        logger.info(
+            "lease ended: lock=%s session=%s token=%d outcome=%s",
+            held.lock,
+            held.lease_id,
+            held.lease.token,
+            action.outcome.status,
+        )
+
+    # --- process watching ---
+
+    def _watch(self, binding: Binding, identity: ProcessIdentity) -> None:
+        if identity.pid in binding.watchers:
+            return
+        scope = anyio.CancelScope()
+        binding.watchers[identity.pid] = scope
+        self._spawn(self._watch_process, binding, identity, scope)
+
+    async def _watch_process(
+        self, binding: Binding, identity: ProcessIdentity, scope: anyio.CancelScope
+    ) -> None:
+        with scope:
+            await wait_for_exit(identity)
+            binding.watchers.pop(identity.pid, None)
+            binding.processes.pop(identity.pid, None)
+            logger.info("bound process exited: session=%s pid=%d", binding.lease_id, identity.pid)
+            self._end_if_unbound(binding, f"its process {identity.pid} exited")
+
+    def _end_if_unbound(self, binding: Binding, why: str) -> None:
+        if not binding.empty() or self._stopping:
+            return
+        held = self.coordinator.lease(binding.lease_id)
+        if held is None:
+            return
+        outcome = Outcome(OutcomeStatus.ABANDONED, detail=f"holder gone: {why}")
+        self._execute(self.coordinator.release(binding.lease_id, outcome, self._clock()))
+
+
+def _identify_or_raise(pid: int) -> ProcessIdentity:
+    identity = identify(pid)
+    if identity is None:
+        raise InvalidArgument(
+            f"process {pid} does not exist, so a lease cannot be bound to it; "
+            "pass --pid with a running process, such as the deploy script's $$"
+        )
+    return identity
