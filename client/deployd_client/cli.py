@@ -331,7 +331,7 @@ def _release(args: argparse.Namespace) -> int:
     with connect() as connection:
         result = connection.request("release", **fields)
     if result.get("released"):
-        print(f"released {result['lock']} ({result['outcome']})", file=sys.stderr)
+        print(f"deployd: released {result['lock']} ({result['outcome']})", file=sys.stderr)
     else:
         print(f"deployd: {result.get('message', 'nothing to release')}", file=sys.stderr)
     return exitcodes.OK

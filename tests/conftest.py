@@ -1,0 +1,65 @@
+"""Shared fixtures: workstations with real daemons, and the anyio backend."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from harness import DaemonProcess, Workstation, short_tempdir, start_daemon
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def make_workstation() -> Iterator[Callable[..., Workstation]]:
+    """Return a factory of workstations, each with its own private directory.
+
+    Keyword arguments become the config file, for example
+    ``make_workstation(lease={"ttl": "2s"})``.
+    """
+    roots = []
+
+    def make(**settings: Any) -> Workstation:
+        root = short_tempdir()
+        roots.append(root)
+        workstation = Workstation(root, dict(settings))
+        workstation.write_config()
+        return workstation
+
+    yield make
+    for root in roots:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def workstation(make_workstation: Callable[..., Workstation]) -> Workstation:
+    """Return one workstation with the default config."""
+    return make_workstation()
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[..., DaemonProcess]]:
+    """Return a function that starts a daemon; every daemon started is stopped afterwards."""
+    daemons: list[DaemonProcess] = []
+
+    def start_one(workstation: Workstation, wait: bool = True) -> DaemonProcess:
+        daemon = start_daemon(workstation, wait=wait)
+        daemons.append(daemon)
+        return daemon
+
+    yield start_one
+    for daemon in daemons:
+        if daemon.process.poll() is None:
+            daemon.stop()
+
+
+@pytest.fixture
+def daemon(workstation: Workstation, start: Callable[..., DaemonProcess]) -> DaemonProcess:
+    """Return a running daemon on the default workstation."""
+    return start(workstation)

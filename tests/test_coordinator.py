@@ -1,0 +1,352 @@
+"""The lease manager's decisions, driven exactly with an injected clock and no I/O."""
+
+from __future__ import annotations
+
+import itertools
+
+from deployd.config import LeaseTimings
+from deployd.coordinator import (
+    Action,
+    Attempt,
+    Coordinator,
+    Dequeue,
+    Ended,
+    Enqueue,
+    Grant,
+    Lost,
+    Position,
+    Refuse,
+    Release,
+    Renew,
+    Ticket,
+)
+from deployd.errors import LeaseLost, LockBusy, StoreUnavailable, WaitTimedOut
+from deployd.models import (
+    Acquired,
+    Busy,
+    Lease,
+    LockState,
+    Outcome,
+    OutcomeStatus,
+    Owner,
+    Purpose,
+    Takeover,
+)
+
+TIMINGS = LeaseTimings(ttl=30.0, renew_every=10.0, renew_deadline=25.0)
+OWNER = Owner("ana", "build-7", 100, "daemon-a")
+
+
+class Harness:
+    """A coordinator with a numbered ticket factory and a fake store's tokens."""
+
+    def __init__(self) -> None:
+        ids = itertools.count(1)
+        self.coordinator = Coordinator(poll_interval=0.5, new_acquisition_id=lambda: f"acq{next(ids)}")
+        self.tokens = itertools.count(1)
+
+    def ticket(self, lock: str = "api", wait: float | None = None, now: float = 0.0, **kwargs: object) -> Ticket:
+        number = self.coordinator.next_ticket_id()
+        return Ticket(
+            id=number,
+            lock=lock,
+            session_id=f"ana@build-7_20260204T101500Z_s{number}",
+            owner=OWNER,
+            purpose=Purpose("abc1234", "test"),
+            timings=TIMINGS,
+            arrived_at=now,
+            wait_until=None if wait is None else now + wait,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def lease_for(self, attempt: Attempt, expires_in: float = 30.0) -> Lease:
+        request = attempt.request
+        return Lease(
+            lock=request.lock,
+            holder=request.holder,
+            acquisition_id=request.acquisition_id,
+            token=next(self.tokens),
+            owner=request.owner,
+            purpose=request.purpose,
+            ttl=request.ttl,
+            acquired_at=1_700_000_000.0,
+            renewed_at=1_700_000_000.0,
+            expires_in=expires_in,
+            version="1",
+        )
+
+    def grant(self, attempt: Attempt, now: float, takeover: Takeover = Takeover.FREE) -> list[Action]:
+        result = Acquired(self.lease_for(attempt), takeover)
+        return self.coordinator.attempt_done(attempt.ticket, result, now, now)
+
+
+def only(actions: list[Action], kind: type) -> list:  # type: ignore[type-arg]
+    return [action for action in actions if isinstance(action, kind)]
+
+
+def other_holder(lock: str = "api", expires_in: float = 20.0) -> LockState:
+    lease = Lease(
+        lock=lock,
+        holder="bob@build-9_20260204T101000Z_zzzzzz",
+        acquisition_id="other",
+        token=7,
+        owner=Owner("bob", "build-9", 200, "daemon-b"),
+        purpose=Purpose(None, "hotfix"),
+        ttl=30.0,
+        acquired_at=1_700_000_000.0,
+        renewed_at=1_700_000_000.0,
+        expires_in=expires_in,
+        version="3",
+    )
+    return LockState(lock, 7, lease)
+
+
+def test_first_caller_goes_to_store() -> None:
+    harness = Harness()
+    actions = harness.coordinator.submit(harness.ticket(), now=0.0)
+    assert len(actions) == 1
+    assert isinstance(actions[0], Attempt)
+    assert actions[0].request.waiter_id is None
+
+
+def test_grant_answers_caller_and_schedules_renewal() -> None:
+    harness = Harness()
+    ticket = harness.ticket()
+    (attempt,) = harness.coordinator.submit(ticket, now=0.0)
+    actions = harness.grant(attempt, now=0.1)
+    (grant,) = only(actions, Grant)
+    assert grant.ticket is ticket
+    assert harness.coordinator.holder_of("api") is grant.held
+    assert harness.coordinator.next_deadline() == 0.1 + TIMINGS.renew_every
+
+
+def test_busy_here_refuses_caller_without_wait() -> None:
+    harness = Harness()
+    (attempt,) = harness.coordinator.submit(harness.ticket(), now=0.0)
+    harness.grant(attempt, now=0.0)
+    actions = harness.coordinator.submit(harness.ticket(), now=1.0)
+    (refuse,) = only(actions, Refuse)
+    assert isinstance(refuse.error, LockBusy)
+    assert "ana on build-7" in str(refuse.error)
+    assert not only(actions, Attempt)
+
+
+def test_local_waiter_queues_without_store_polling() -> None:
+    harness = Harness()
+    (attempt,) = harness.coordinator.submit(harness.ticket(), now=0.0)
+    harness.grant(attempt, now=0.0)
+    actions = harness.coordinator.submit(harness.ticket(wait=60.0, now=1.0), now=1.0)
+    assert not only(actions, Attempt)
+    (position,) = only(actions, Position)
+    assert position.position == 1
+    assert position.holder is not None
+    # The head of the queue registers in the store so other daemons queue behind it.
+    assert len(only(actions, Enqueue)) == 1
+
+
+def test_release_serves_next_after_store_release() -> None:
+    harness = Harness()
+    first = harness.ticket()
+    (attempt,) = harness.coordinator.submit(first, now=0.0)
+    held = only(harness.grant(attempt, now=0.0), Grant)[0].held
+    second = harness.ticket(wait=60.0, now=1.0)
+    harness.coordinator.submit(second, now=1.0)
+
+    actions = harness.coordinator.release(held.lease_id, Outcome.from_exit_code(0), now=2.0)
+    assert only(actions, Release)
+    assert only(actions, Ended)
+    assert not only(actions, Attempt), "the next caller must wait for the store release"
+
+    actions = harness.coordinator.release_done("api", now=2.1)
+    (next_attempt,) = only(actions, Attempt)
+    assert next_attempt.ticket is second
+
+
+def test_queue_is_first_come_first_served() -> None:
+    harness = Harness()
+    (attempt,) = harness.coordinator.submit(harness.ticket(), now=0.0)
+    held = only(harness.grant(attempt, now=0.0), Grant)[0].held
+    waiters = [harness.ticket(wait=600.0, now=float(i)) for i in range(1, 6)]
+    for waiter in waiters:
+        harness.coordinator.submit(waiter, now=waiter.arrived_at)
+
+    served = []
+    current = held
+    for step in range(len(waiters)):
+        now = 10.0 + step
+        harness.coordinator.release(current.lease_id, Outcome.from_exit_code(0), now)
+        (attempt,) = only(harness.coordinator.release_done("api", now), Attempt)
+        served.append(attempt.ticket)
+        current = only(harness.grant(attempt, now), Grant)[0].held
+    assert served == waiters
+
+
+def test_waiter_positions_follow_queue() -> None:
+    harness = Harness()
+    (attempt,) = harness.coordinator.submit(harness.ticket(), now=0.0)
+    harness.grant(attempt, now=0.0)
+    first = harness.ticket(wait=60.0, now=1.0)
+    second = harness.ticket(wait=60.0, now=2.0)
+    harness.coordinator.submit(first, now=1.0)
+    (position,) = only(harness.coordinator.submit(second, now=2.0), Position)
+    assert position.position == 2
+
+    actions = harness.coordinator.cancel(first.id, now=3.0)
+    positions = {action.ticket.id: action.position for action in only(actions, Position)}
+    assert positions == {second.id: 1}
+
+
+def test_busy_in_store_polls_until_free() -> None:
+    harness = Harness()
+    ticket = harness.ticket(wait=60.0)
+    (attempt,) = harness.coordinator.submit(ticket, now=0.0)
+    actions = harness.coordinator.attempt_done(ticket, Busy(other_holder()), 0.0, 0.0)
+    assert only(actions, Enqueue), "a waiter registers in the store after the first busy answer"
+    assert harness.coordinator.next_deadline() == 0.5
+
+    assert not only(harness.coordinator.tick(0.4), Attempt)
+    harness.coordinator.enqueue_done(ticket, None, 0.4)
+    (retry,) = only(harness.coordinator.tick(0.5), Attempt)
+    assert retry.request.waiter_id == ticket.session_id
+
+
+def test_busy_in_store_polls_at_expiry_when_sooner() -> None:
+    harness = Harness()
+    ticket = harness.ticket(wait=60.0)
+    harness.coordinator.submit(ticket, now=0.0)
+    harness.coordinator.attempt_done(ticket, Busy(other_holder(expires_in=0.2)), 0.0, 0.0)
+    assert harness.coordinator.next_deadline() == 0.2
+
+
+def test_busy_in_store_refuses_caller_without_wait() -> None:
+    harness = Harness()
+    ticket = harness.ticket()
+    harness.coordinator.submit(ticket, now=0.0)
+    actions = harness.coordinator.attempt_done(ticket, Busy(other_holder()), 0.0, 0.0)
+    (refuse,) = only(actions, Refuse)
+    message = str(refuse.error)
+    assert "bob on build-9" in message
+    assert "hotfix" in message
+
+
+def test_wait_times_out_and_leaves_queue() -> None:
+    harness = Harness()
+    ticket = harness.ticket(wait=5.0)
+    harness.coordinator.submit(ticket, now=0.0)
+    harness.coordinator.attempt_done(ticket, Busy(other_holder()), 0.0, 0.0)
+    harness.coordinator.enqueue_done(ticket, None, 0.1)
+    actions = harness.coordinator.tick(5.0)
+    (refuse,) = only(actions, Refuse)
+    assert isinstance(refuse.error, WaitTimedOut)
+    assert only(actions, Dequeue), "the waiter entry is removed from the store"
+    assert list(harness.coordinator.waiting_tickets()) == []
+
+
+def test_renewal_due_at_interval() -> None:
+    harness = Harness()
+    (attempt,) = harness.coordinator.submit(harness.ticket(), now=0.0)
+    held = only(harness.grant(attempt, now=0.0), Grant)[0].held
+    assert not only(harness.coordinator.tick(9.9), Renew)
+    (renew,) = only(harness.coordinator.tick(10.0), Renew)
+    assert renew.held is held
+    assert not only(harness.coordinator.tick(10.5), Renew), "one renewal in flight at a time"
+
+
+def test_renewal_success_moves_deadline() -> None:
+    harness = Harness()
+    (attempt,) = harness.coordinator.submit(harness.ticket(), now=0.0)
+    held = only(harness.grant(attempt, now=0.0), Grant)[0].held
+    harness.coordinator.tick(10.0)
+    harness.coordinator.renew_done(held, held.lease, sent_at=10.0, now=10.2)
+    assert held.renew_deadline() == 10.0 + TIMINGS.renew_deadline
+    assert not only(harness.coordinator.tick(34.0), Lost)
+
+
+def test_failed_renewals_lose_lease_before_ttl() -> None:
+    harness = Harness()
+    (attempt,) = harness.coordinator.submit(harness.ticket(), now=0.0)
+    held = only(harness.grant(attempt, now=0.0), Grant)[0].held
+    now = 10.0
+    while now < TIMINGS.renew_deadline:
+        for action in harness.coordinator.tick(now):
+            if isinstance(action, Renew):
+                harness.coordinator.renew_done(held, StoreUnavailable("down"), now, now)
+        now += 0.5
+    actions = harness.coordinator.tick(TIMINGS.renew_deadline)
+    (lost,) = only(actions, Lost)
+    assert lost.held is held
+    assert TIMINGS.renew_deadline < TIMINGS.ttl
+    (release,) = only(actions, Release)
+    assert release.outcome.status is OutcomeStatus.LOST
+    assert harness.coordinator.holder_of("api") is None
+
+
+def test_renewal_finding_other_holder_loses_lease_at_once() -> None:
+    harness = Harness()
+    (attempt,) = harness.coordinator.submit(harness.ticket(), now=0.0)
+    held = only(harness.grant(attempt, now=0.0), Grant)[0].held
+    harness.coordinator.tick(10.0)
+    error = LeaseLost("api", "taken", other_holder())
+    actions = harness.coordinator.renew_done(held, error, 10.0, 10.1)
+    assert only(actions, Lost)
+    assert not only(actions, Release), "never release a lease that is someone else's now"
+    assert not only(harness.coordinator.tick(20.0), Renew), "no renewal of a lost lease"
+
+
+def test_cancel_during_attempt_releases_late_grant() -> None:
+    harness = Harness()
+    ticket = harness.ticket(wait=60.0)
+    (attempt,) = harness.coordinator.submit(ticket, now=0.0)
+    assert harness.coordinator.cancel(ticket.id, now=0.1) == []
+    actions = harness.grant(attempt, now=0.2)
+    assert not only(actions, Grant)
+    (release,) = only(actions, Release)
+    assert release.outcome.status is OutcomeStatus.ABANDONED
+
+
+def test_store_error_refuses_caller_without_wait() -> None:
+    harness = Harness()
+    ticket = harness.ticket()
+    harness.coordinator.submit(ticket, now=0.0)
+    actions = harness.coordinator.attempt_done(ticket, StoreUnavailable("down"), 0.0, 0.0)
+    (refuse,) = only(actions, Refuse)
+    assert isinstance(refuse.error, StoreUnavailable)
+
+
+def test_store_error_retried_for_waiting_caller() -> None:
+    harness = Harness()
+    ticket = harness.ticket(wait=60.0)
+    harness.coordinator.submit(ticket, now=0.0)
+    actions = harness.coordinator.attempt_done(ticket, StoreUnavailable("down"), 0.0, 0.0)
+    assert not only(actions, Refuse)
+    deadline = harness.coordinator.next_deadline()
+    assert deadline is not None
+    assert 0.0 < deadline <= 2.0
+    assert only(harness.coordinator.tick(deadline), Attempt)
+
+
+def test_force_skips_queue_and_displaces_local_holder() -> None:
+    harness = Harness()
+    (attempt,) = harness.coordinator.submit(harness.ticket(), now=0.0)
+    old = only(harness.grant(attempt, now=0.0), Grant)[0].held
+    waiter = harness.ticket(wait=60.0, now=1.0)
+    harness.coordinator.submit(waiter, now=1.0)
+
+    forced = harness.ticket(now=2.0, force=True, force_reason="prod is down")
+    (force_attempt,) = only(harness.coordinator.submit(forced, now=2.0), Attempt)
+    assert force_attempt.request.force
+    actions = harness.grant(force_attempt, now=2.1, takeover=Takeover.FORCED)
+    (lost,) = only(actions, Lost)
+    assert lost.held is old
+    assert "prod is down" in str(lost.error)
+    (grant,) = only(actions, Grant)
+    assert harness.coordinator.holder_of("api") is grant.held
+    assert waiter in harness.coordinator.queue("api")
+
+
+def test_locks_are_independent() -> None:
+    harness = Harness()
+    (first,) = harness.coordinator.submit(harness.ticket("api"), now=0.0)
+    harness.grant(first, now=0.0)
+    actions = harness.coordinator.submit(harness.ticket("web"), now=0.0)
+    assert only(actions, Attempt)
