@@ -8,10 +8,14 @@ exercise the same code paths as the installed ``deployd`` command.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shlex
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -81,6 +85,16 @@ class Workstation:
     def log_file(self) -> Path:
         return self.root / "daemon.log"
 
+    @property
+    def store_file(self) -> Path:
+        """The SQLite lease store, unless the config sets ``store.path``."""
+        return self.state_dir / "locks.sqlite3"
+
+    @property
+    def kept_leases_file(self) -> Path:
+        """The daemon's local state file, which holds the leases kept across a restart."""
+        return self.state_dir / "daemon.sqlite3"
+
     def env(self, **extra: str) -> dict[str, str]:
         """Return the environment for a daemon or client of this workstation."""
         env = dict(os.environ)
@@ -132,6 +146,21 @@ class Workstation:
         """Send one request over the socket and return the whole response."""
         with raw_connection(self.socket) as connection:
             return connection.call(op, **fields)
+
+    def status(self) -> dict[str, Any]:
+        """Return the result of a ``status`` request; fail if the daemon returns an error."""
+        response = self.request("status")
+        assert response["ok"], response
+        result: dict[str, Any] = response["result"]
+        return result
+
+    def local_queue(self, lock: str) -> list[dict[str, Any]]:
+        """Return the callers queued for ``lock`` in this workstation's daemon."""
+        for entry in self.status()["locks"]:
+            if entry["lock"] == lock:
+                queue: list[dict[str, Any]] = entry["local_queue"]
+                return queue
+        return []
 
 
 class RawConnection:
@@ -293,3 +322,114 @@ def iter_ledger(path: Path) -> Iterator[dict[str, Any]]:
         for line in handle:
             if line.strip():
                 yield json.loads(line)
+
+
+def query_sqlite(path: Path, sql: str, *params: Any) -> list[dict[str, Any]]:
+    """Run one read query on a daemon's SQLite file and return the rows as dicts.
+
+    Reading does not disturb a running daemon: the files are in WAL mode.
+    """
+    assert path.exists(), f"no SQLite file at {path}"
+    connection = sqlite3.connect(path, timeout=10.0)
+    try:
+        connection.row_factory = sqlite3.Row
+        return [dict(row) for row in connection.execute(sql, params)]
+    finally:
+        connection.close()
+
+
+class Gate:
+    """A named pipe that a command blocks on (``read line < PATH``) until the test opens it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        os.mkfifo(path, 0o600)
+
+    def open(self, timeout: float = 10.0) -> None:
+        """Let the blocked reader go on; fail if no reader opens the pipe within ``timeout``."""
+        fd: int = wait_until(self._open_for_writing, timeout)
+        try:
+            os.write(fd, b"go\n")
+        finally:
+            os.close(fd)
+
+    def _open_for_writing(self) -> int | None:
+        try:
+            return os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            # ENXIO: no process has the pipe open for reading yet.
+            if exc.errno == errno.ENXIO:
+                return None
+            raise
+
+
+class ShellHolder:
+    """A shell that takes a lock with ``deployd acquire`` and then waits, as a deploy script does.
+
+    The lease is bound to the shell: through ``--pid $$`` when ``pass_pid`` is
+    set, otherwise through the client's default, its parent process. The shell
+    waits for a ``sleep`` child and writes the child's pid down before the
+    lease file, so ``kill`` can stop the child as well.
+    """
+
+    def __init__(
+        self,
+        workstation: Workstation,
+        directory: Path,
+        lock: str,
+        *options: str,
+        pass_pid: bool = False,
+    ) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.lease_file = directory / "lease.json"
+        self.sleeper_file = directory / "sleeper.pid"
+        self.stderr_file = directory / "stderr.txt"
+        partial = directory / "lease.json.partial"
+
+        acquire = shlex.join(["acquire", lock, "--format", "json", *options])
+        if pass_pid:
+            acquire += ' --pid "$$"'
+        script = (
+            f'"$@" {acquire} > {shlex.quote(str(partial))} || exit $?\n'
+            f"sleep 600 &\n"
+            f"echo $! > {shlex.quote(str(self.sleeper_file))}\n"
+            f"mv {shlex.quote(str(partial))} {shlex.quote(str(self.lease_file))}\n"
+            "wait\n"
+        )
+        with open(self.stderr_file, "wb") as stderr:
+            self.process = subprocess.Popen(
+                ["sh", "-c", script, "sh", *DEPLOYD],
+                env=workstation.env(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+
+    @property
+    def pid(self) -> int:
+        """The shell's pid, which the lease is bound to."""
+        return self.process.pid
+
+    def lease(self, timeout: float = 20.0) -> dict[str, Any]:
+        """Wait until the shell holds the lock; return the lease that ``acquire`` printed."""
+
+        def acquired_or_exited() -> bool:
+            return self.lease_file.exists() or self.process.poll() is not None
+
+        wait_until(acquired_or_exited, timeout)
+        if not self.lease_file.exists():
+            raise AssertionError(
+                f"deployd acquire in the holder shell exited with {self.process.returncode}: "
+                f"{self.stderr_file.read_text(errors='replace')}"
+            )
+        lease: dict[str, Any] = json.loads(self.lease_file.read_text())
+        return lease
+
+    def kill(self) -> None:
+        """Kill the shell with SIGKILL and reap it, then kill its ``sleep`` child."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+        if self.sleeper_file.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(self.sleeper_file.read_text()), signal.SIGKILL)

@@ -47,7 +47,8 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see 'deployd {self.prog.split()[-1]} --help')")
+        # self.prog is "deployd" for the top-level parser and "deployd run" for a subcommand.
+        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 def _duration_argument(text: str) -> float:

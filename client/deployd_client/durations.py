@@ -29,7 +29,8 @@ def _sum_unit_parts(text: str) -> float | None:
     position = 0
     while position < len(text):
         number_end = position
-        while number_end < len(text) and (text[number_end].isdigit() or text[number_end] == "."):
+        # ASCII digits only: str.isdigit() also accepts characters such as "²" that float() rejects.
+        while number_end < len(text) and text[number_end] in "0123456789.":
             number_end += 1
         unit_end = number_end
         while unit_end < len(text) and text[unit_end].isalpha():

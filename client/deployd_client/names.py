@@ -16,7 +16,10 @@ def lock_name_problem(name: object) -> str | None:
     if not isinstance(name, str):
         return f"lock name must be a string, got {type(name).__name__}"
     if not name:
-        return "lock name is empty; name the service, for example 'api' or 'prod:api'"
+        return (
+            f"invalid lock name '': the name is empty. It must match {LOCK_NAME_RULE}, "
+            "for example 'api' or 'prod:api'"
+        )
     if len(name) > MAX_LOCK_NAME_LENGTH:
         return (
             f"lock name {name[:20]!r}... is {len(name)} characters long; "

@@ -122,10 +122,32 @@ class Connection:
         try:
             self.sock.sendall(data)
         except OSError as exc:
+            rejection = self._read_rejection()
+            if rejection is not None:
+                raise rejection from exc
             raise ConnectionLost(
                 f"the daemon closed the connection: {exc.strerror or exc}"
             ) from exc
         return self._next_id
+
+    def _read_rejection(self) -> DaemonError | None:
+        """Return the error that the daemon sent before closing the connection, if any.
+
+        The daemon rejects a connection (another user, too many clients) with
+        one error line and closes it, often before the client's first request
+        arrives, so sending fails while the reason waits to be read.
+        """
+        try:
+            message = self.read_message(timeout=1.0)
+        except ClientError:
+            return None
+        if message is None or message.get("ok") is not False:
+            return None
+        try:
+            unwrap(message)
+        except DaemonError as exc:
+            return exc
+        return None
 
     def read_message(self, timeout: float | None = None) -> dict[str, Any] | None:
         """Return the next message, or None if ``timeout`` passes first.

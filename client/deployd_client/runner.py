@@ -148,7 +148,10 @@ class _Run:
         display = WaitDisplay(self.lock, quiet=self.args.quiet)
         request_id = self.connection.send("hold", pid=os.getpid(), **lease_fields(self.args))
         while True:
-            ready = self._select([self.connection.fileno(), self.wakeup], None)
+            # One recv() can buffer an event and the response together, and select()
+            # does not report buffered data, so it must not block then.
+            timeout = 0 if self.connection.has_buffered_message() else None
+            ready = self._select([self.connection.fileno(), self.wakeup], timeout)
             if self.wakeup in ready:
                 for signum in _read_signals(self.wakeup):
                     if signum in FORWARDED_SIGNALS:

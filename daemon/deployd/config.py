@@ -116,6 +116,15 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The ``[server]`` section: limits on client connections to the socket."""
+
+    # Seconds a client may leave a request line without its newline before the
+    # daemon responds with an error and closes the connection.
+    half_line_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The daemon's effective configuration.
 
@@ -127,6 +136,7 @@ class Config:
     lease: LeaseConfig = field(default_factory=LeaseConfig)
     slack: SlackConfig = field(default_factory=SlackConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     on_store_error: str = "open"
     state_dir: str = field(default_factory=paths.state_dir)
     clock_offset: float = 0.0
@@ -218,9 +228,10 @@ _KEYS: dict[tuple[str | None, str], Callable[[object], Any]] = {
     ("slack", "revision_url"): _string,
     ("log", "level"): _log_level,
     ("log", "file"): _path,
+    ("server", "half_line_timeout"): _positive_duration,
 }
 
-_SECTIONS = {"store", "lease", "slack", "log"}
+_SECTIONS = {"store", "lease", "slack", "log", "server"}
 
 
 def dotted(section: str | None, name: str) -> str:
@@ -350,6 +361,7 @@ def _build(
         lease=LeaseConfig(**section("lease")),
         slack=SlackConfig(**section("slack")),
         log=LogConfig(**section("log")),
+        server=ServerConfig(**section("server")),
         file=file_path,
         sources=sources,
         **top,

@@ -31,7 +31,7 @@ from deployd.errors import ConfigError, DeploydError, StoreError
 from deployd.handlers import DaemonInfo, Ops
 from deployd.models import Outcome, OutcomeStatus
 from deployd.processes import is_alive
-from deployd.server import Server
+from deployd.server import Limits, Server
 from deployd.service import Binding, LeaseService
 from deployd.sessions import new_daemon_id, short_hostname
 from deployd.state import KeptLease, LocalState
@@ -113,13 +113,24 @@ def take_daemon_lock(directory: str, socket_path: str, wait: float = LOCK_WAIT) 
             os.write(fd, f"{os.getpid()}\n".encode())
             return fd
         if _answers(socket_path) or time.monotonic() >= deadline:
+            running = _read_lock_pid(fd)
             os.close(fd)
+            stop_command = f"kill {running}" if running else f"kill $(cat {lock_path})"
             raise StartupError(
-                f"another deployd daemon already runs on {socket_path}; "
-                "stop it first ('kill $(cat " + lock_path + ")') or use it as it is",
+                f"another deployd daemon (pid {running or 'unknown'}) already runs on "
+                f"{socket_path}; stop it first ('{stop_command}') or use it as it is",
                 exitcodes.BUSY,
             )
         time.sleep(0.05)
+
+
+def _read_lock_pid(fd: int) -> int | None:
+    """Return the pid that the daemon holding the lock file wrote into it, if readable."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def reclaim_socket(path: str) -> None:
@@ -205,7 +216,11 @@ class Daemon:
                 store_kind=store.kind,
                 store_location=_store_location(self.config),
             )
-            server = Server(Ops(service, info).table(), on_close=service.unbind_connection)
+            server = Server(
+                Ops(service, info).table(),
+                limits=Limits(half_line_timeout=self.config.server.half_line_timeout),
+                on_close=service.unbind_connection,
+            )
             try:
                 await self._serve(service, server, state, ready)
             finally:

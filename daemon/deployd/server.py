@@ -266,7 +266,11 @@ class Server:
                     connection.push(_line_too_long(limits))
                     continue
                 self._dispatch(connection, line, task_group)
-            if not discarding and len(buffer) > limits.max_line:
+            if discarding:
+                # The rest of a line that was too long: drop it as it arrives, so
+                # a client that never sends the newline cannot fill the memory.
+                buffer = b""
+            elif len(buffer) > limits.max_line:
                 connection.push(_line_too_long(limits))
                 logger.warning(
                     "%r sent a line longer than %d bytes; skipping it", connection, limits.max_line

@@ -156,11 +156,13 @@ class LeaseService:
             task_status.started()
             while True:
                 self._execute(self.coordinator.tick(self._clock()))
+                # _execute() has just set the event for tick's own actions. The deadline
+                # below already covers them, so waiting on that event would spin the loop.
+                self._wakeup = anyio.Event()
                 deadline = self.coordinator.next_deadline()
                 delay = math.inf if deadline is None else max(0.0, deadline - self._clock())
                 with anyio.move_on_after(delay):
                     await self._wakeup.wait()
-                self._wakeup = anyio.Event()
 
     def update_config(self, config: Config) -> None:
         """Apply a reloaded config; it affects leases granted from now on."""
