@@ -269,6 +269,10 @@ class Coordinator:
             if not held.renew_in_flight:
                 times.append(held.next_renew_at)
         for ticket in self._tickets.values():
+            if ticket.done or ticket.attempt_in_flight:
+                # tick() leaves these alone until the store answers; counting their
+                # deadlines here would wake the loop for nothing, again and again.
+                continue
             if ticket.wait_until is not None:
                 times.append(ticket.wait_until)
             if ticket.next_attempt_at is not None and not ticket.attempt_in_flight:
