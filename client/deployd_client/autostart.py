@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import TYPE_CHECKING
 
 from deployd_client import paths
 from deployd_client.protocol import Connection, NoDaemon, no_autostart
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
     import subprocess
 

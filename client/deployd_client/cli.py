@@ -8,185 +8,187 @@ non-zero exit prints one line saying what failed and what to do next.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any, NoReturn
 
 from deployd_client import __version__, exitcodes
 from deployd_client.durations import parse_duration
 from deployd_client.names import lock_name_problem
+from deployd_client.options import (
+    Arguments,
+    Command,
+    Option,
+    Positional,
+    UsageError,
+    top_level_help,
+)
 from deployd_client.protocol import ClientError, DaemonError, NoDaemon, SocketPermissionDenied
 
-# Options that take a value. A value that starts with "-" (a reason such as
-# "-rollback") is still taken word for word: such a pair is joined into
-# "--option=value" before argparse sees it, because argparse would read the
-# value as another option.
-VALUE_OPTIONS = frozenset(
-    {
-        "--reason",
-        "--commit",
-        "--wait",
-        "--ttl",
-        "--pid",
-        "--format",
-        "--revision",
-        "--on-lost",
-        "--grace",
-        "--config",
-        "--exit-code",
-    }
+# Importing typing costs a client call several milliseconds, so annotations
+# only name its types for the type checker.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
+
+__all__ = ["UsageError", "lease_fields", "main"]
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"must be a whole number, got {text!r}") from None
+
+
+def _lease_options() -> list[Option]:
+    return [
+        Option(
+            ["--wait"],
+            "wait up to DURATION (such as 30s or 10m) for the lock instead of failing at once",
+            metavar="DURATION",
+            convert=parse_duration,
+        ),
+        Option(
+            ["--commit"], "the commit being deployed, shown to others", metavar="SHA", convert=str
+        ),
+        Option(
+            ["--reason"],
+            "why you deploy, shown to others and kept in history",
+            metavar="TEXT",
+            convert=str,
+        ),
+        Option(
+            ["--ttl"],
+            "lease TTL: how long the lock outlives a daemon that stops renewing it (default 30s)",
+            metavar="DURATION",
+            convert=parse_duration,
+        ),
+        Option(
+            ["--force"],
+            "take the lock even from a live holder; needs --reason, and is recorded and announced",
+        ),
+        Option(["--quiet", "-q"], "print no progress while waiting"),
+    ]
+
+
+_LOCK = Positional(
+    "lock", "LOCK", "the lock to take: the service, optionally with an environment (api, prod:api)"
 )
 
-
-class UsageError(Exception):
-    """The command line is invalid."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # self.prog is "deployd" for the top-level parser and "deployd run" for a subcommand.
-        raise UsageError(f"{message} (see '{self.prog} --help')")
-
-
-def _duration_argument(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _add_lease_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "lock", help="the lock to take: the service, optionally with an environment (api, prod:api)"
-    )
-    parser.add_argument(
-        "--wait",
-        type=_duration_argument,
-        metavar="DURATION",
-        help="wait up to DURATION (such as 30s or 10m) for the lock instead of failing at once",
-    )
-    parser.add_argument(
-        "--commit", metavar="SHA", help="the commit being deployed, shown to others"
-    )
-    parser.add_argument(
-        "--reason", metavar="TEXT", help="why you deploy, shown to others and kept in history"
-    )
-    parser.add_argument(
-        "--ttl",
-        type=_duration_argument,
-        metavar="DURATION",
-        help="lease TTL: how long the lock outlives a daemon that stops renewing it (default 30s)",
-    )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="take the lock even from a live holder; needs --reason, and is recorded and announced",
-    )
-    parser.add_argument(
-        "--quiet", "-q", action="store_true", help="print no progress while waiting"
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Return the command-line parser."""
-    parser = _Parser(
-        prog="deployd",
-        description="Coordinate deploys: one holder per lock, others wait their turn.",
-    )
-    parser.add_argument("--version", action="version", version=f"deployd {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    commands.required = True
-
-    serve = commands.add_parser(
-        "serve", help="run the daemon in the foreground (what the service units start)"
-    )
-    serve.add_argument(
-        "--config",
-        metavar="PATH",
-        help="config file (default $XDG_CONFIG_HOME/deployd/config.toml)",
-    )
-
-    run = commands.add_parser(
+COMMANDS = (
+    Command(
+        "serve",
+        "run the daemon in the foreground (what the service units start)",
+        options=[
+            Option(
+                ["--config"],
+                "config file (default $XDG_CONFIG_HOME/deployd/config.toml)",
+                metavar="PATH",
+                convert=str,
+            )
+        ],
+    ),
+    Command(
         "run",
-        help="hold LOCK while a command runs; its exit code passes through",
+        "hold LOCK while a command runs; its exit code passes through",
+        positionals=[_LOCK],
+        options=[
+            *_lease_options(),
+            Option(
+                ["--on-lost"],
+                "what to do to the command if the lease is lost: terminate (SIGTERM to its "
+                "process group, SIGKILL after --grace), interrupt (SIGINT) or warn "
+                "(default terminate)",
+                metavar="ACTION",
+                convert=str,
+                choices=("terminate", "interrupt", "warn"),
+                default="terminate",
+            ),
+            Option(
+                ["--grace"],
+                "how long a terminated command may take to exit before SIGKILL (default 10s)",
+                metavar="DURATION",
+                convert=parse_duration,
+                default=10.0,
+            ),
+        ],
         usage="deployd run LOCK [options] -- COMMAND [ARG...]",
-    )
-    _add_lease_options(run)
-    run.add_argument(
-        "--on-lost",
-        choices=("terminate", "interrupt", "warn"),
-        default="terminate",
-        help="what to do to the command if the lease is lost: SIGTERM its process group "
-        "(then SIGKILL after --grace), SIGINT it, or only warn (default terminate)",
-    )
-    run.add_argument(
-        "--grace",
-        type=_duration_argument,
-        default=10.0,
-        metavar="DURATION",
-        help="how long a terminated command may take to exit before SIGKILL (default 10s)",
-    )
-
-    acquire = commands.add_parser(
-        "acquire", help="take LOCK for the calling shell and print the lease"
-    )
-    _add_lease_options(acquire)
-    acquire.add_argument(
-        "--pid",
-        type=int,
-        metavar="PID",
-        help="bind the lease to this process; it is released when the process exits "
-        "(default: the shell that runs deployd)",
-    )
-    acquire.add_argument(
-        "--format",
-        choices=("text", "json", "env"),
-        default="text",
-        help="text, json, or env: 'export' lines for eval (default text)",
-    )
-
-    release = commands.add_parser("release", help="release a lease by its id or its lock")
-    release.add_argument(
-        "target",
-        nargs="?",
-        metavar="LEASE_ID|LOCK",
-        help="the lease id or lock to release (default: $DEPLOYD_LEASE_ID)",
-    )
-    release.add_argument(
-        "--exit-code", type=int, metavar="N", help="the deploy's exit code, recorded as its outcome"
-    )
-    release.add_argument("--revision", metavar="REV", help="the revision that was deployed")
-
-    status = commands.add_parser(
-        "status", help="show the daemon, the store, every lock and its queue"
-    )
-    status.add_argument("--json", action="store_true", help="print the status as JSON")
-    return parser
-
-
-def _join_value_options(argv: list[str]) -> list[str]:
-    joined: list[str] = []
-    index = 0
-    while index < len(argv):
-        token = argv[index]
-        if token in VALUE_OPTIONS and index + 1 < len(argv):
-            joined.append(f"{token}={argv[index + 1]}")
-            index += 2
-            continue
-        joined.append(token)
-        index += 1
-    return joined
+        takes_command=True,
+    ),
+    Command(
+        "acquire",
+        "take LOCK for the calling shell and print the lease",
+        positionals=[_LOCK],
+        options=[
+            *_lease_options(),
+            Option(
+                ["--pid"],
+                "bind the lease to this process; it is released when the process exits "
+                "(default: the shell that runs deployd)",
+                metavar="PID",
+                convert=_whole_number,
+            ),
+            Option(
+                ["--format"],
+                "text, json, or env: 'export' lines for eval (default text)",
+                metavar="FORMAT",
+                convert=str,
+                choices=("text", "json", "env"),
+                default="text",
+            ),
+        ],
+    ),
+    Command(
+        "release",
+        "release a lease by its id or its lock",
+        positionals=[
+            Positional(
+                "target",
+                "LEASE_ID|LOCK",
+                "the lease id or lock to release (default: $DEPLOYD_LEASE_ID)",
+                required=False,
+            )
+        ],
+        options=[
+            Option(
+                ["--exit-code"],
+                "the deploy's exit code, recorded as its outcome",
+                metavar="N",
+                convert=_whole_number,
+            ),
+            Option(["--revision"], "the revision that was deployed", metavar="REV", convert=str),
+        ],
+    ),
+    Command(
+        "status",
+        "show the daemon, the store, every lock and its queue",
+        options=[Option(["--json"], "print the status as JSON")],
+    ),
+)
+_BY_NAME = {command.name: command for command in COMMANDS}
 
 
-def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Split ``run`` arguments at the first ``--`` into options and the command."""
-    if "--" not in argv:
-        return argv, []
-    at = argv.index("--")
-    return argv[:at], argv[at + 1 :]
+def parse_arguments(argv: Sequence[str]) -> Arguments | str:
+    """Parse the whole command line; return the arguments, or text to print (help, version)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        if not argv:
+            raise UsageError("missing COMMAND (see 'deployd --help')")
+        return top_level_help(COMMANDS, __version__)
+    if argv[0] == "--version":
+        return f"deployd {__version__}\n"
+    command = _BY_NAME.get(argv[0])
+    if command is None:
+        if argv[0].startswith("-"):
+            raise UsageError(f"unknown option {argv[0]} (see 'deployd --help')")
+        known = ", ".join(_BY_NAME)
+        raise UsageError(
+            f"unknown command {argv[0]!r}; the commands are {known} (see 'deployd --help')"
+        )
+    args = command.parse(argv[1:])
+    if args.help:
+        return command.help_text()
+    return args
 
 
 def fail(message: str, code: int) -> int:
@@ -198,21 +200,16 @@ def fail(message: str, code: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; return its exit code."""
     arguments = list(sys.argv[1:] if argv is None else argv)
-    command = None
     try:
-        options, command = split_command(arguments)
-        args = build_parser().parse_args(_join_value_options(options))
+        args = parse_arguments(arguments)
+        if isinstance(args, str):
+            sys.stdout.write(args)
+            return exitcodes.OK
         if args.command == "serve":
-            if command:
-                raise UsageError("serve takes no command after --")
             from deployd.daemon import serve_main
 
             return serve_main(args.config)
-        if args.command != "run" and command:
-            raise UsageError(
-                f"'--' and a command only go with 'deployd run', not with '{args.command}'"
-            )
-        return _dispatch(args, command)
+        return _dispatch(args, args.argv)
     except UsageError as exc:
         return fail(str(exc), exitcodes.USAGE)
     except SocketPermissionDenied as exc:
@@ -228,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _dispatch(args: argparse.Namespace, command: list[str]) -> int:
+def _dispatch(args: Arguments, command: list[str]) -> int:
     if args.command in ("run", "acquire"):
         _check_lease_arguments(args)
     if args.command == "run":
@@ -248,7 +245,7 @@ def _dispatch(args: argparse.Namespace, command: list[str]) -> int:
     raise UsageError(f"unknown command {args.command!r}")
 
 
-def _check_lease_arguments(args: argparse.Namespace) -> None:
+def _check_lease_arguments(args: Arguments) -> None:
     problem = lock_name_problem(args.lock)
     if problem:
         raise UsageError(problem)
@@ -260,7 +257,7 @@ def _check_lease_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--force needs --reason TEXT saying why you take the lock from its holder")
 
 
-def lease_fields(args: argparse.Namespace) -> dict[str, Any]:
+def lease_fields(args: Arguments) -> dict[str, Any]:
     """Return the request fields shared by ``acquire`` and ``hold``."""
     return {
         "lock": args.lock,
@@ -273,7 +270,7 @@ def lease_fields(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _acquire(args: argparse.Namespace) -> int:
+def _acquire(args: Arguments) -> int:
     from deployd_client.autostart import connect
     from deployd_client.display import WaitDisplay
 
@@ -296,6 +293,8 @@ def _acquire(args: argparse.Namespace) -> int:
 
 def _print_lease(result: dict[str, Any], output_format: str) -> None:
     if output_format == "json":
+        import json
+
         print(json.dumps(result, indent=2, sort_keys=True))
     elif output_format == "env":
         import shlex
@@ -305,12 +304,12 @@ def _print_lease(result: dict[str, Any], output_format: str) -> None:
         print(f"export DEPLOYD_FENCING_TOKEN={int(result['token'])}")
     else:
         print(
-            f"acquired {result['lock']}: lease {result['lease_id']}, fencing token {result['token']}, "
-            f"TTL {result['timings']['ttl']:g}s"
+            f"acquired {result['lock']}: lease {result['lease_id']}, "
+            f"fencing token {result['token']}, TTL {result['timings']['ttl']:g}s"
         )
 
 
-def _release(args: argparse.Namespace) -> int:
+def _release(args: Arguments) -> int:
     from deployd_client.autostart import connect
 
     target = args.target or os.environ.get("DEPLOYD_LEASE_ID")
@@ -338,13 +337,15 @@ def _release(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
-def _status(args: argparse.Namespace) -> int:
+def _status(args: Arguments) -> int:
     from deployd_client.autostart import connect
     from deployd_client.display import status_text, use_color
 
     with connect() as connection:
         result = connection.request("status")
     if args.json:
+        import json
+
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
         print(status_text(result, color=use_color(sys.stdout)))

@@ -7,20 +7,24 @@ the id of the request they concern, or none.
 
 from __future__ import annotations
 
+# The C module behind ``socket``: the Python wrapper imports enum and more,
+# which costs every client call time for no benefit here.
+import _socket
 import errno
-import json
 import os
-import socket
 import time
-from collections.abc import Callable
-from typing import Any
 
-from deployd_client import paths
+from deployd_client import jsonline, paths
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    Event = dict[str, Any]  # a pushed event: a JSON object with an "event" key
 
 PROTOCOL_VERSION = 1
 MAX_LINE = 64 * 1024
-
-Event = dict[str, Any]
 
 
 class ClientError(Exception):
@@ -59,7 +63,7 @@ class ConnectionLost(ClientError):
 class Connection:
     """A connection to the daemon that sends requests and reads responses and events."""
 
-    def __init__(self, sock: socket.socket, path: str) -> None:
+    def __init__(self, sock: _socket.socket, path: str) -> None:
         self.sock = sock
         self.path = path
         self._buffer = b""
@@ -74,7 +78,7 @@ class Connection:
         the socket is not ours; never removes or changes the socket file.
         """
         path = path or paths.socket_path()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
             with paths.socket_address(path) as address:
@@ -118,7 +122,7 @@ class Connection:
         self._next_id += 1
         message = {"v": PROTOCOL_VERSION, "id": self._next_id, "op": op}
         message.update({key: value for key, value in fields.items() if value is not None})
-        data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+        data = (jsonline.dumps(message) + "\n").encode()
         try:
             self.sock.sendall(data)
         except OSError as exc:
@@ -160,7 +164,7 @@ class Connection:
             if newline >= 0:
                 line, self._buffer = self._buffer[:newline], self._buffer[newline + 1 :]
                 try:
-                    message = json.loads(line)
+                    message = jsonline.loads(line.decode("utf-8", "replace"))
                 except ValueError as exc:
                     raise ConnectionLost(f"the daemon sent a malformed message: {exc}") from exc
                 if isinstance(message, dict):

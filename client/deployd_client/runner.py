@@ -11,20 +11,16 @@ the lease's TTL. The command's exit code is passed through.
 
 from __future__ import annotations
 
-import argparse
 import os
 import select
-import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from typing import Any
 
 from deployd_client import exitcodes
 from deployd_client.autostart import connect
 from deployd_client.cli import lease_fields
 from deployd_client.display import WaitDisplay
+from deployd_client.options import Arguments
 from deployd_client.protocol import (
     ClientError,
     Connection,
@@ -34,7 +30,21 @@ from deployd_client.protocol import (
     unwrap,
 )
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+    from typing import Any
+else:
+    # The C module behind ``signal``: the Python wrapper builds enums at import,
+    # which costs every ``deployd run`` time for no benefit here.
+    import _signal as signal
+
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+SIGNAL_NAMES: dict[int, str] = {
+    signal.SIGINT: "SIGINT",
+    signal.SIGTERM: "SIGTERM",
+    signal.SIGHUP: "SIGHUP",
+}
 # How long to wait for the daemon to answer a release before giving up on it.
 RELEASE_TIMEOUT = 10.0
 # How long a client without a daemon waits for one to come back before it
@@ -42,39 +52,50 @@ RELEASE_TIMEOUT = 10.0
 RECONNECT_AUTOSTART_AFTER = 1.0
 
 
-def run(args: argparse.Namespace, command: list[str]) -> int:
+def run(args: Arguments, command: list[str]) -> int:
     """Run ``command`` under the lock in ``args``; return the exit code to end with."""
-    with _signals() as wakeup:
-        return _Run(args, command, wakeup).main()
+    signals = _SignalPipe()
+    try:
+        return _Run(args, command, signals.read_fd).main()
+    finally:
+        signals.close()
 
 
-@contextmanager
-def _signals() -> Iterator[int]:
+class _SignalPipe:
     """Route SIGINT, SIGTERM, SIGHUP and SIGCHLD to a pipe that select() watches.
 
     Signals that were ignored when deployd started stay ignored, so the
     command inherits them ignored as a shell would pass them on.
     """
-    read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    previous: dict[int, Any] = {}
-    for signum in (*FORWARDED_SIGNALS, signal.SIGCHLD):
-        handler = signal.getsignal(signum)
-        if handler == signal.SIG_IGN:
-            continue
-        previous[signum] = signal.signal(signum, _note_signal)
-    old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    try:
-        yield read_fd
-    finally:
-        signal.set_wakeup_fd(old_wakeup)
-        for signum, handler in previous.items():
+
+    def __init__(self) -> None:
+        self.read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._previous: dict[int, Any] = {}
+        for signum in (*FORWARDED_SIGNALS, signal.SIGCHLD):
+            handler = signal.getsignal(signum)
+            if handler == signal.SIG_IGN:
+                continue
+            self._previous[signum] = signal.signal(signum, _note_signal)
+        self._old_wakeup = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._old_wakeup)
+        for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-        os.close(read_fd)
-        os.close(write_fd)
+        os.close(self.read_fd)
+        os.close(self._write_fd)
 
 
 def _note_signal(signum: int, frame: object) -> None:
     """Do nothing: the signal number reaches the wakeup pipe, which the loop reads."""
+
+
+def _signal_group(process_group: int, signum: int) -> None:
+    """Send ``signum`` to a process group that may already be gone."""
+    try:
+        os.killpg(process_group, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _read_signals(wakeup: int) -> list[int]:
@@ -90,14 +111,18 @@ class _Terminal:
 
     def __init__(self) -> None:
         self.fd: int | None = None
-        with suppress(OSError):
+        try:
             if os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp():
                 self.fd = 0
+        except OSError:
+            pass
 
     def hand_to(self, process_group: int) -> None:
         if self.fd is not None:
-            with suppress(OSError):
+            try:
                 os.tcsetpgrp(self.fd, process_group)
+            except OSError:
+                pass
 
     def take_back(self) -> None:
         if self.fd is None:
@@ -106,14 +131,15 @@ class _Terminal:
         # kernel would stop it when it asks for the foreground back.
         previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
         try:
-            with suppress(OSError):
-                os.tcsetpgrp(self.fd, os.getpgrp())
+            os.tcsetpgrp(self.fd, os.getpgrp())
+        except OSError:
+            pass
         finally:
             signal.signal(signal.SIGTTOU, previous)
 
 
 class _Run:
-    def __init__(self, args: argparse.Namespace, command: list[str], wakeup: int) -> None:
+    def __init__(self, args: Arguments, command: list[str], wakeup: int) -> None:
         self.args = args
         self.command = command
         self.wakeup = wakeup
@@ -155,7 +181,8 @@ class _Run:
             if self.wakeup in ready:
                 for signum in _read_signals(self.wakeup):
                     if signum in FORWARDED_SIGNALS:
-                        display.finish(f"stopped waiting ({signal.Signals(signum).name})")
+                        name = SIGNAL_NAMES.get(signum, f"signal {signum}")
+                        display.finish(f"stopped waiting ({name})")
                         return 128 + signum
             if self.connection.fileno() in ready or self.connection.has_buffered_message():
                 message = self.connection.read_message(0)
@@ -197,8 +224,10 @@ class _Run:
             return
         self.terminal.hand_to(self.child_pid)
         assert self.connection is not None
-        with suppress(ClientError):
+        try:
             self.connection.send("bind", lease_id=self.lease["lease_id"], pid=self.child_pid)
+        except ClientError:
+            pass  # the connection is gone; _supervise() reconnects and re-attaches
 
     def _supervise(self) -> None:
         """Wait for the command to exit while forwarding signals and minding the lease."""
@@ -246,8 +275,7 @@ class _Run:
         assert self.child_pid is not None
         for signum in signals:
             if signum in FORWARDED_SIGNALS:
-                with suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self.child_pid, signum)
+                _signal_group(self.child_pid, signum)
 
     def _read_daemon(self) -> None:
         assert self.connection is not None
@@ -259,7 +287,8 @@ class _Run:
                 self.connection = None
                 if self.lost_message is None:
                     print(
-                        f"deployd: lost the connection to the daemon; reconnecting to keep {self.lock}",
+                        "deployd: lost the connection to the daemon; "
+                        f"reconnecting to keep {self.lock}",
                         file=sys.stderr,
                     )
                 return
@@ -315,9 +344,8 @@ class _Run:
             )
             return
         signum = signal.SIGINT if policy == "interrupt" else signal.SIGTERM
-        print(f"deployd: sending {signum.name} to the command", file=sys.stderr)
-        with suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.child_pid, signum)
+        print(f"deployd: sending {SIGNAL_NAMES[signum]} to the command", file=sys.stderr)
+        _signal_group(self.child_pid, signum)
         if policy == "terminate":
             self.terminate_sent_at = time.monotonic()
 
@@ -329,8 +357,7 @@ class _Run:
                 f"deployd: the command did not exit within {self.args.grace:g}s; sending SIGKILL",
                 file=sys.stderr,
             )
-            with suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.child_pid, signal.SIGKILL)
+            _signal_group(self.child_pid, signal.SIGKILL)
             self.killed = True
 
     # --- ending ---
@@ -339,7 +366,8 @@ class _Run:
         exit_code = self.exit_code if self.exit_code is not None else exitcodes.INTERNAL
         if self.lost_message is not None:
             print(
-                f"deployd: the command exited with {exit_code} after the lease on {self.lock} was lost",
+                f"deployd: the command exited with {exit_code} "
+                f"after the lease on {self.lock} was lost",
                 file=sys.stderr,
             )
             return exitcodes.LEASE_LOST

@@ -287,7 +287,8 @@ class Coordinator:
         """Queue a caller's request; try the store at once if nobody is ahead.
 
         A caller that does not wait is refused at once when the lock is held
-        here or others are queued ahead. A forced request skips the queue.
+        here or others are queued ahead; it is queued when the lock's release
+        is still on its way to the store. A forced request skips the queue.
         """
         slot = self._slot(ticket.lock)
         self._tickets[ticket.id] = ticket
@@ -296,7 +297,9 @@ class Coordinator:
             slot.queue.appendleft(ticket)
             return [self._attempt(ticket, now)]
 
-        if not ticket.waits() and (slot.holder is not None or slot.queue or slot.releasing):
+        # A release still on its way to the store is no reason to refuse: the
+        # caller is queued and tries as soon as the store has freed the lock.
+        if not ticket.waits() and (slot.holder is not None or slot.queue):
             del self._tickets[ticket.id]
             ticket.done = True
             return [Refuse(ticket, self._busy_here(slot))]

@@ -293,7 +293,7 @@ class Ops:
             self._check_owner(connection, held_here.lease_id, lease_id_given=False)
             lease_id = held_here.lease_id
 
-        lease = self.service.release(lease_id, outcome)
+        lease = await self.service.release(lease_id, outcome)
         connection.bound_leases.discard(lease_id)
         return {
             "released": True,

@@ -142,6 +142,8 @@ class LeaseService:
         self._pending: dict[int, _Pending] = {}
         self._bindings: dict[str, Binding] = {}
         self._ended: OrderedDict[str, EndedLease] = OrderedDict()
+        # Set when the store call of a requested release has finished, by lease id.
+        self._store_releases: dict[str, anyio.Event] = {}
         self._wakeup = anyio.Event()
         self._task_group: TaskGroup | None = None
         self._stopping = False
@@ -228,8 +230,13 @@ class LeaseService:
         assert pending.held is not None
         return pending.held
 
-    def release(self, lease_id: str, outcome: Outcome) -> Lease:
-        """End a lease held here; raise LeaseLost or NotHolder when it is not."""
+    async def release(self, lease_id: str, outcome: Outcome) -> Lease:
+        """End a lease held here and wait until the store has it; raise when it is not held.
+
+        Raises LeaseLost or NotHolder. Waiting for the store (at most its
+        timeout) means the outcome is recorded and the lock is free for
+        others by the time the caller hears back.
+        """
         held = self.coordinator.lease(lease_id)
         if held is None:
             raise self._not_held_error(lease_id)
@@ -239,7 +246,10 @@ class LeaseService:
             lease_id,
             outcome.status,
         )
+        stored = self._store_releases.setdefault(lease_id, anyio.Event())
         self._execute(self.coordinator.release(lease_id, outcome, self._clock()))
+        with anyio.move_on_after(self.config.store.timeout + 1):
+            await stored.wait()
         return held.lease
 
     def ended(self, lease_id: str) -> EndedLease | None:
@@ -503,6 +513,9 @@ class LeaseService:
                 exc,
             )
         finally:
+            stored = self._store_releases.pop(held.lease_id, None)
+            if stored is not None:
+                stored.set()
             self._execute(self.coordinator.release_done(held.lock, self._clock()))
 
     # --- answers and events ---
