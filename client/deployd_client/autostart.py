@@ -82,7 +82,7 @@ def _start_failure(path: str, exit_code: int | None) -> str:
         pass
     if exit_code is None:
         return (
-            f"started a deployd daemon but it did not answer on {path} within "
+            f"started a deployd daemon but it did not respond on {path} within "
             f"{START_TIMEOUT:g}s; see {log}{tail}"
         )
     return f"could not start a deployd daemon (exit code {exit_code}); see {log}{tail}"

@@ -85,7 +85,7 @@ class Connection:
                 sock.connect(address)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
-            raise NoDaemon(f"no deployd daemon answers on {path}") from exc
+            raise NoDaemon(f"no deployd daemon is listening on {path}") from exc
         except PermissionError as exc:
             sock.close()
             raise SocketPermissionDenied(
@@ -96,7 +96,7 @@ class Connection:
         except OSError as exc:
             sock.close()
             if exc.errno in (errno.ENOTDIR, errno.ENOENT, errno.ECONNREFUSED):
-                raise NoDaemon(f"no deployd daemon answers on {path}") from exc
+                raise NoDaemon(f"no deployd daemon is listening on {path}") from exc
             raise NoDaemon(f"cannot connect to {path}: {exc.strerror or exc}") from exc
         sock.settimeout(None)
         return cls(sock, path)
@@ -206,7 +206,7 @@ class Connection:
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise ConnectionLost("the daemon did not answer in time")
+                raise ConnectionLost("the daemon did not respond in time")
             message = self.read_message(remaining)
             if message is None:
                 continue

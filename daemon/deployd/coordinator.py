@@ -650,13 +650,16 @@ def _describe(lease: Lease) -> str:
 
 
 def busy_message(lock: str, lease: Lease) -> str:
-    """Return the one-line message for a lock held by ``lease``, naming holder, host, since and reason."""
+    """Return the one-line message for a held lock: holder, host, since when, commit, reason."""
     since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(lease.acquired_at))
     held_for = format_duration(max(0.0, time.time() - lease.acquired_at))
-    reason = f", reason: {lease.purpose.reason!r}" if lease.purpose.reason else ""
-    commit = f", commit {lease.purpose.commit}" if lease.purpose.commit else ""
+    details = [f"session {lease.holder}"]
+    if lease.purpose.commit:
+        details.insert(0, f"commit {lease.purpose.commit}")
+    if lease.purpose.reason:
+        details.insert(0, f"reason {lease.purpose.reason!r}")
     return (
         f"{lock} is locked by {lease.owner.user} on {lease.owner.host} since {since} "
-        f"({held_for}{commit}{reason}, session {lease.holder}); "
+        f"({held_for} ago; {', '.join(details)}); "
         "wait for it with --wait DURATION, or see 'deployd status'"
     )

@@ -145,7 +145,7 @@ def reclaim_socket(path: str) -> None:
             exitcodes.CONFIG,
         )
     if _answers(path):
-        raise StartupError(f"another deployd daemon already answers on {path}", exitcodes.BUSY)
+        raise StartupError(f"another deployd daemon is already listening on {path}", exitcodes.BUSY)
     logger.info("removing stale socket file %s left by a daemon that is gone", path)
     os.unlink(path)
 

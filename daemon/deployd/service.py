@@ -551,7 +551,7 @@ class LeaseService:
 
     def _refused(self, action: Refuse) -> None:
         logger.info(
-            "acquire refused: lock=%s session=%s: %s",
+            "acquire rejected: lock=%s session=%s: %s",
             action.ticket.lock,
             action.ticket.session_id,
             action.error,
