@@ -1,5 +1,11 @@
 """A first end-to-end check: a daemon, a run, a busy lock."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from harness import DaemonProcess, Workstation
 
 
@@ -13,3 +19,32 @@ def test_status_lists_lock(workstation: Workstation, daemon: DaemonProcess) -> N
     result = workstation.deployd("status", "--json")
     assert result.returncode == 0, result.stderr
     assert '"api"' in result.stdout
+
+
+def test_installed_command_flushes_and_exits(
+    workstation: Workstation, daemon: DaemonProcess
+) -> None:
+    """The installed script ends with os._exit; output must still arrive in full."""
+    script = Path(sys.executable).parent / "deployd"
+    assert script.exists(), f"the deployd script is not installed next to {sys.executable}"
+    result = subprocess.run(
+        [str(script), "acquire", "api", "--pid", str(os.getpid()), "--format", "json"],
+        env=workstation.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["lock"] == "api"
+
+    result = subprocess.run(
+        [str(script), "run", "web", "--", "sh", "-c", "echo out; exit 3"],
+        env=workstation.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == "out\n"

@@ -402,7 +402,8 @@ async def test_grant_keeps_write_lock_while_deciding(
     make_store: StoreFactory, clock: FakeClock
 ) -> None:
     pausing_clock = PausingClock(clock)
-    first = make_store(clock=pausing_clock)
+    # In a worker thread, so that the pause inside the transaction leaves the event loop free.
+    first = make_store(clock=pausing_clock, inline_first=False)
     second = make_store(busy_timeout=0.2)
     await first.open()
     await second.open()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pwd
@@ -143,7 +144,12 @@ def _kind(value: object) -> str:
 
 
 def _user_of(connection: Connection) -> str:
-    uid = connection.peer.uid if connection.peer else os.getuid()
+    return _user_name(connection.peer.uid if connection.peer else os.getuid())
+
+
+@functools.lru_cache(maxsize=64)
+def _user_name(uid: int) -> str:
+    """Return the login name of ``uid``; cached because every acquire needs it."""
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:

@@ -55,6 +55,9 @@ logger = logging.getLogger("deployd.leases")
 # learns what happened to its lease instead of "unknown lease".
 ENDED_LEASES_KEPT = 1000
 
+# The shortest time between two queue_position events to one waiting caller.
+POSITION_EVENT_INTERVAL = 0.5
+
 EventSink = Callable[[dict[str, Any]], None]
 
 
@@ -94,6 +97,8 @@ class _Pending:
     done: anyio.Event = field(default_factory=anyio.Event)
     held: HeldLease | None = None
     error: DeploydError | None = None
+    position_sent_at: float | None = None
+    position_due: Position | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +166,8 @@ class LeaseService:
                 # _execute() has just set the event for tick's own actions. The deadline
                 # below already covers them, so waiting on that event would spin the loop.
                 self._wakeup = anyio.Event()
-                deadline = self.coordinator.next_deadline()
+                deadlines = [self.coordinator.next_deadline(), self._flush_positions()]
+                deadline = min((time for time in deadlines if time is not None), default=None)
                 delay = math.inf if deadline is None else max(0.0, deadline - self._clock())
                 with anyio.move_on_after(delay):
                     await self._wakeup.wait()
@@ -210,7 +216,7 @@ class LeaseService:
         )
         pending = _Pending(ticket, emit)
         self._pending[ticket.id] = pending
-        logger.info(
+        logger.debug(
             "acquire requested: lock=%s session=%s wait=%s force=%s",
             spec.lock,
             session_id,
@@ -240,7 +246,7 @@ class LeaseService:
         held = self.coordinator.lease(lease_id)
         if held is None:
             raise self._not_held_error(lease_id)
-        logger.info(
+        logger.debug(
             "release requested: lock=%s session=%s outcome=%s",
             held.lock,
             lease_id,
@@ -561,9 +567,25 @@ class LeaseService:
             self._answer(pending, error=action.error)
 
     def _position(self, action: Position) -> None:
+        """Send a queue_position event, at most one per POSITION_EVENT_INTERVAL per caller.
+
+        With many callers queued for one lock every grant moves all of them
+        up, so unthrottled events would cost the daemon more than the grants.
+        A held-back event is sent by the timer loop once the interval is over.
+        """
         pending = self._pending.get(action.ticket.id)
         if pending is None:
             return
+        now = self._clock()
+        sent_at = pending.position_sent_at
+        if sent_at is not None and now - sent_at < POSITION_EVENT_INTERVAL:
+            pending.position_due = action
+            return
+        self._send_position(pending, action, now)
+
+    def _send_position(self, pending: _Pending, action: Position, now: float) -> None:
+        pending.position_sent_at = now
+        pending.position_due = None
         holder = action.holder
         pending.emit(
             {
@@ -571,9 +593,23 @@ class LeaseService:
                 "lock": action.ticket.lock,
                 "position": action.position,
                 "holder": holder.to_json() if holder is not None else None,
-                "waiting_for": round(self._clock() - action.ticket.arrived_at, 3),
+                "waiting_for": round(now - action.ticket.arrived_at, 3),
             }
         )
+
+    def _flush_positions(self) -> float | None:
+        """Send held-back position events that are due; return when the next one is."""
+        now = self._clock()
+        next_due: float | None = None
+        for pending in self._pending.values():
+            if pending.position_due is None or pending.position_sent_at is None:
+                continue
+            due = pending.position_sent_at + POSITION_EVENT_INTERVAL
+            if now >= due:
+                self._send_position(pending, pending.position_due, now)
+            elif next_due is None or due < next_due:
+                next_due = due
+        return next_due
 
     def _lost(self, action: Lost) -> None:
         held = action.held
