@@ -613,7 +613,16 @@ class Coordinator:
         return Position(ticket, position, self._holder_for(ticket))
 
     def _positions(self, slot: _Slot) -> list[Action]:
-        return [self._position(slot, ticket) for ticket in slot.queue if ticket.waits()]
+        """Return a Position for every waiting caller of the lock, in one pass over the queue."""
+        if not slot.queue:
+            return []
+        ahead_in_store = slot.queue[0].queued_ahead_in_store
+        holder = self._holder_for(slot.queue[0])
+        return [
+            Position(ticket, index + 1 + ahead_in_store, holder)
+            for index, ticket in enumerate(slot.queue)
+            if ticket.waits()
+        ]
 
     def _holder_for(self, ticket: Ticket) -> Lease | None:
         slot = self._slots.get(ticket.lock)
