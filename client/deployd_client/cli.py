@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any
 
-__all__ = ["UsageError", "lease_fields", "main"]
+__all__ = ["UsageError", "lease_fields", "main", "warn_if_unlocked"]
 
 
 def _whole_number(text: str) -> int:
@@ -161,6 +161,20 @@ COMMANDS = (
         ],
     ),
     Command(
+        "force-unlock",
+        "take LOCK away from its holder, live or dead; recorded and announced",
+        positionals=[Positional("lock", "LOCK", "the lock to free")],
+        options=[
+            Option(
+                ["--reason"],
+                "why you take the lock away (required), shown to the holder and kept in history",
+                metavar="TEXT",
+                convert=str,
+            ),
+            Option(["--yes", "-y"], "do not ask for confirmation (needed when not on a terminal)"),
+        ],
+    ),
+    Command(
         "status",
         "show the daemon, the store, every lock and its queue",
         options=[Option(["--json"], "print the status as JSON")],
@@ -242,6 +256,8 @@ def _dispatch(args: Arguments, command: list[str]) -> int:
         return _release(args)
     if args.command == "status":
         return _status(args)
+    if args.command == "force-unlock":
+        return _force_unlock(args)
     raise UsageError(f"unknown command {args.command!r}")
 
 
@@ -287,8 +303,21 @@ def _acquire(args: Arguments) -> int:
             display.finish("gave up")
             raise exc from None
     display.finish("got the lock")
+    warn_if_unlocked(result)
     _print_lease(result, args.format)
     return exitcodes.OK
+
+
+def warn_if_unlocked(result: dict[str, Any]) -> None:
+    """Print a warning when the daemon granted a lease without the store's lock."""
+    if result.get("degraded"):
+        print(
+            f"deployd: WARNING: going ahead WITHOUT a team-wide lock on {result['lock']}: "
+            f"{result.get('unlocked_reason') or 'the lease store is unreachable'}. Deploys on "
+            "this workstation are still one at a time; the daemon takes the real lock when "
+            "the store is back and reports any overlap (on_store_error = open)",
+            file=sys.stderr,
+        )
 
 
 def _print_lease(result: dict[str, Any], output_format: str) -> None:
@@ -349,4 +378,46 @@ def _status(args: Arguments) -> int:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
         print(status_text(result, color=use_color(sys.stdout)))
+    return exitcodes.OK
+
+
+def _force_unlock(args: Arguments) -> int:
+    from deployd_client.autostart import connect
+    from deployd_client.display import describe_holder
+
+    problem = lock_name_problem(args.lock)
+    if problem:
+        raise UsageError(problem)
+    if not args.reason:
+        raise UsageError("force-unlock needs --reason TEXT saying why you take the lock away")
+    with connect() as connection:
+        locks = connection.request("locks")["locks"]
+        state = next((entry for entry in locks if entry["lock"] == args.lock), None)
+        lease = state["lease"] if state else None
+        if lease is None:
+            print(f"deployd: {args.lock} is not held; nothing to force", file=sys.stderr)
+            return exitcodes.OK
+        expired = " (its lease has expired)" if not state or not state.get("held") else ""
+        holder = describe_holder(lease) + expired
+        if not args.yes:
+            if not (sys.stdin.isatty() and sys.stderr.isatty()):
+                raise UsageError(
+                    f"{args.lock} is held by {holder}; not on a terminal, so add --yes "
+                    "to take it away without confirmation"
+                )
+            sys.stderr.write(f"{args.lock} is held by {holder}.\nTake it away? [y/N] ")
+            sys.stderr.flush()
+            answer = sys.stdin.readline().strip().lower()
+            if answer not in ("y", "yes"):
+                print("deployd: not forced", file=sys.stderr)
+                return exitcodes.BUSY
+        result = connection.request("force_unlock", lock=args.lock, reason=args.reason)
+    if result.get("forced"):
+        print(
+            f"deployd: forced {args.lock} away from {holder}; fencing token is now "
+            f"{result['token']}",
+            file=sys.stderr,
+        )
+    else:
+        print(f"deployd: {args.lock} was already free", file=sys.stderr)
     return exitcodes.OK

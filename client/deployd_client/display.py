@@ -6,11 +6,11 @@ import os
 import sys
 import time
 
+from deployd_client.durations import format_duration
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
     from typing import Any, TextIO
-
-from deployd_client.durations import format_duration
 
 
 def use_color(stream: TextIO) -> bool:

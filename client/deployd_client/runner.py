@@ -18,7 +18,7 @@ import time
 
 from deployd_client import exitcodes
 from deployd_client.autostart import connect
-from deployd_client.cli import lease_fields
+from deployd_client.cli import lease_fields, warn_if_unlocked
 from deployd_client.display import WaitDisplay
 from deployd_client.options import Arguments
 from deployd_client.protocol import (
@@ -199,6 +199,7 @@ class _Run:
                     display.finish("gave up")
                     raise
                 display.finish("got the lock")
+                warn_if_unlocked(self.lease)
                 return None
 
     # --- running the command ---
@@ -239,7 +240,7 @@ class _Run:
                 self._reap()
                 if self.exit_code is not None:
                     break
-                if self.connection is None:
+                if self.connection is None and self.lost_message is None:
                     disconnected_at = disconnected_at or time.monotonic()
                     self._reconnect(disconnected_at)
                     if self.connection is not None:
@@ -248,7 +249,8 @@ class _Run:
                 watched = [self.wakeup]
                 if self.connection is not None:
                     watched.append(self.connection.fileno())
-                timeout = 0.1 if self.connection is None or self.terminate_sent_at else None
+                reconnecting = self.connection is None and self.lost_message is None
+                timeout = 0.1 if reconnecting or self.terminate_sent_at else None
                 if self.connection is not None and self.connection.has_buffered_message():
                     timeout = 0
                 ready = self._select(watched, timeout)
@@ -278,8 +280,7 @@ class _Run:
                 _signal_group(self.child_pid, signum)
 
     def _read_daemon(self) -> None:
-        assert self.connection is not None
-        while True:
+        while self.connection is not None:
             try:
                 message = self.connection.read_message(0)
             except ConnectionLost:
@@ -294,7 +295,9 @@ class _Run:
                 return
             if message is None:
                 return
-            if message.get("event") == "lease_lost":
+            if message.get("event") in ("overlap", "lease_locked"):
+                print(f"deployd: {message.get('message')}", file=sys.stderr)
+            elif message.get("event") == "lease_lost":
                 self._lease_lost(str(message.get("message") or f"lease on {self.lock} was lost"))
             elif message.get("ok") is False and "event" not in message:
                 error = message.get("error") or {}

@@ -384,7 +384,8 @@ def _check_relations(config: Config) -> None:
         raise ConfigError(
             "lease.renew_every",
             timings.renew_every,
-            f"must be shorter than lease.ttl ({lease.ttl:g}s), or the lease expires between renewals",
+            f"must be shorter than lease.ttl ({lease.ttl:g}s), "
+            "or the lease expires between renewals",
             source("lease.renew_every"),
         )
     if not timings.renew_every < timings.renew_deadline < lease.ttl:
@@ -392,20 +393,23 @@ def _check_relations(config: Config) -> None:
             "lease.renew_deadline",
             timings.renew_deadline,
             f"must be longer than lease.renew_every ({timings.renew_every:g}s) and shorter "
-            f"than lease.ttl ({lease.ttl:g}s), so a holder learns of a loss before others can take the lock",
+            f"than lease.ttl ({lease.ttl:g}s), so a holder learns of a loss "
+            "before others can take the lock",
             source("lease.renew_deadline"),
         )
-    if config.store.kind == "firestore" and not config.store.project:
-        if not os.environ.get("FIRESTORE_EMULATOR_HOST") and not os.environ.get(
-            "GOOGLE_CLOUD_PROJECT"
-        ):
-            raise ConfigError(
-                "store.project",
-                None,
-                "the Firestore store needs a Google Cloud project; set store.project "
-                "or GOOGLE_CLOUD_PROJECT",
-                source("store.project"),
-            )
+    project_known = bool(
+        config.store.project
+        or os.environ.get("GOOGLE_CLOUD_PROJECT")
+        or os.environ.get("FIRESTORE_EMULATOR_HOST")
+    )
+    if config.store.kind == "firestore" and not project_known:
+        raise ConfigError(
+            "store.project",
+            None,
+            "the Firestore store needs a Google Cloud project; set store.project "
+            "or GOOGLE_CLOUD_PROJECT",
+            source("store.project"),
+        )
 
 
 def with_overrides(config: Config, **changes: Any) -> Config:

@@ -22,7 +22,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from deployd.config import LeaseTimings
-from deployd.errors import DeploydError, LeaseLost, LockBusy, StoreError, WaitTimedOut
+from deployd.errors import (
+    DeploydError,
+    LeaseLost,
+    LockBusy,
+    StoreBusy,
+    StoreError,
+    WaitTimedOut,
+)
 from deployd.models import (
     Acquired,
     Busy,
@@ -100,6 +107,21 @@ class HeldLease:
     renew_in_flight: bool = False
     renew_failures: int = 0
     lost: bool = False
+    # Running without a lock (the store was unreachable and on_store_error is
+    # "open"): since when, on the wall clock, and until the real lease was
+    # taken, if it has been.
+    unlocked_since: float | None = None
+    unlocked_until: float | None = None
+    unlocked_reason: str | None = None
+    next_upgrade_at: float | None = None
+    upgrade_in_flight: bool = False
+    upgrade_failures: int = 0
+    overlap_reported: bool = False
+
+    @property
+    def degraded(self) -> bool:
+        """Return whether the lease exists only in this daemon, without the store."""
+        return self.unlocked_since is not None and self.unlocked_until is None
 
     @property
     def lock(self) -> str:
@@ -195,6 +217,37 @@ class Lost:
 
 
 @dataclass(frozen=True, slots=True)
+class Upgrade:
+    """Try to take the real lease for a lease running without a lock, then ``upgrade_done``."""
+
+    held: HeldLease
+    request: LeaseRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Upgraded:
+    """A lease that ran without a lock now holds the real lease; look for overlapping deploys."""
+
+    held: HeldLease
+
+
+@dataclass(frozen=True, slots=True)
+class Overlap:
+    """Another holder has the lock in the store while this lease runs without one."""
+
+    held: HeldLease
+    state: LockState
+
+
+@dataclass(frozen=True, slots=True)
+class RecordUnlocked:
+    """Record the deploy of a lease that never got the store's lock, once the store answers."""
+
+    held: HeldLease
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
 class Ended:
     """A lease ended; the service drops its binding. Sent once per lease."""
 
@@ -202,7 +255,22 @@ class Ended:
     outcome: Outcome
 
 
-Action = Attempt | Enqueue | Dequeue | Renew | Release | Grant | Refuse | Position | Lost | Ended
+Action = (
+    Attempt
+    | Enqueue
+    | Dequeue
+    | Renew
+    | Release
+    | Grant
+    | Refuse
+    | Position
+    | Lost
+    | Ended
+    | Upgrade
+    | Upgraded
+    | Overlap
+    | RecordUnlocked
+)
 
 
 @dataclass(eq=False)
@@ -220,12 +288,24 @@ class Coordinator:
 
     ``poll_interval`` is how often the head of a queue re-reads a lock held
     by another daemon. ``new_acquisition_id`` makes the random id of each
-    attempt; tests pass a deterministic one.
+    attempt; tests pass a deterministic one. ``on_store_error`` is the policy
+    when the store cannot be reached at acquire: "closed" refuses, "open"
+    grants a lease that serializes this daemon's callers only and keeps
+    trying to take the real lease. ``wall`` is the wall clock, for the times
+    shown to people.
     """
 
-    def __init__(self, poll_interval: float, new_acquisition_id: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        poll_interval: float,
+        new_acquisition_id: Callable[[], str],
+        on_store_error: str = "closed",
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self._poll_interval = poll_interval
         self._new_acquisition_id = new_acquisition_id
+        self.on_store_error = on_store_error
+        self._wall = wall
         self._slots: dict[str, _Slot] = {}
         self._leases: dict[str, HeldLease] = {}
         self._tickets: dict[int, Ticket] = {}
@@ -264,6 +344,10 @@ class Coordinator:
         times: list[float] = []
         for held in self._leases.values():
             if held.lost:
+                continue
+            if held.degraded:
+                if held.next_upgrade_at is not None and not held.upgrade_in_flight:
+                    times.append(held.next_upgrade_at)
                 continue
             times.append(held.renew_deadline())
             if not held.renew_in_flight:
@@ -330,6 +414,13 @@ class Coordinator:
         if held is None:
             return []
         return self._end(held, outcome, now)
+
+    def displace(self, lease_id: str, error: LeaseLost, now: float) -> list[Action]:
+        """Drop a lease that was forced away in the store; its holder is told at once."""
+        held = self._leases.get(lease_id)
+        if held is None:
+            return []
+        return self._lose(held, error, now, release_in_store=False)
 
     def adopt(self, held: HeldLease) -> list[Action]:
         """Take over a lease kept by a previous daemon run; it is renewed at once."""
@@ -399,6 +490,9 @@ class Coordinator:
         for held in list(self._leases.values()):
             if held.lost:
                 continue
+            if held.degraded:
+                actions.extend(self._try_upgrade(held, now))
+                continue
             if now >= held.renew_deadline():
                 reason = (
                     f"lease on {held.lock} lost: no renewal succeeded for "
@@ -427,7 +521,105 @@ class Coordinator:
                 actions.extend(self._heartbeat(ticket, now))
         return actions
 
+    def upgrade_done(
+        self, held: HeldLease, result: Acquired | Busy | StoreError, sent_at: float, now: float
+    ) -> list[Action]:
+        """Apply the store's answer to the attempt to take the real lease for ``held``."""
+        held.upgrade_in_flight = False
+        if self._leases.get(held.lease_id) is not held:
+            # The deploy ended while the attempt was on its way: give the lease back.
+            if isinstance(result, Acquired):
+                outcome = Outcome(OutcomeStatus.RELEASED, detail="ended before the store answered")
+                lost = HeldLease(
+                    result.lease, held.timings, held.binding, sent_at, sent_at, now, 0.0
+                )
+                return [Release(lost, outcome)]
+            return []
+        if isinstance(result, Acquired):
+            held.lease = result.lease
+            held.takeover = result.takeover
+            held.unlocked_until = self._wall()
+            held.confirmed_at = sent_at
+            held.next_renew_at = sent_at + held.timings.renew_every
+            held.next_upgrade_at = None
+            return [Upgraded(held)]
+        actions: list[Action] = []
+        if isinstance(result, Busy):
+            held.upgrade_failures = 0
+            if result.state.held and not held.overlap_reported:
+                held.overlap_reported = True
+                actions.append(Overlap(held, result.state))
+            held.next_upgrade_at = now + self._poll_interval
+        else:
+            held.upgrade_failures += 1
+            held.next_upgrade_at = now + min(
+                STORE_RETRY_MAX_DELAY, self._poll_interval * 2**held.upgrade_failures
+            )
+        return actions
+
     # --- internals ---
+
+    def _grant_unlocked(self, ticket: Ticket, error: StoreError, now: float) -> list[Action]:
+        """Let the caller deploy without the store's lock, serialized only within this daemon.
+
+        The lease has fencing token 0, is never renewed, and keeps trying to
+        become the real lease; its deploy is recorded as unlocked.
+        """
+        slot = self._slot(ticket.lock)
+        wall_now = self._wall()
+        lease = Lease(
+            lock=ticket.lock,
+            holder=ticket.session_id,
+            acquisition_id=self._new_acquisition_id(),
+            token=0,
+            owner=ticket.owner,
+            purpose=ticket.purpose,
+            ttl=ticket.timings.ttl,
+            acquired_at=wall_now,
+            renewed_at=wall_now,
+            expires_in=ticket.timings.ttl,
+            version="unlocked",
+        )
+        held = HeldLease(
+            lease=lease,
+            timings=ticket.timings,
+            binding=ticket.binding,
+            confirmed_at=now,
+            next_renew_at=now,
+            granted_at=now,
+            waited=max(0.0, now - ticket.arrived_at),
+            unlocked_since=wall_now,
+            unlocked_reason=str(error),
+            next_upgrade_at=now + self._poll_interval,
+        )
+        actions: list[Action] = []
+        if ticket.enqueued_in_store:
+            actions.append(Dequeue(ticket.lock, ticket.session_id))
+        self._remove_ticket(slot, ticket)
+        slot.holder = held
+        self._leases[held.lease_id] = held
+        if ticket.cancelled:
+            outcome = Outcome(OutcomeStatus.ABANDONED, detail="caller left")
+            return actions + self._end(held, outcome, now)
+        actions.append(Grant(ticket, held))
+        actions.extend(self._positions(slot))
+        return actions
+
+    def _try_upgrade(self, held: HeldLease, now: float) -> list[Action]:
+        if held.upgrade_in_flight or held.next_upgrade_at is None or now < held.next_upgrade_at:
+            return []
+        held.upgrade_in_flight = True
+        request = LeaseRequest(
+            lock=held.lock,
+            holder=held.lease_id,
+            acquisition_id=self._new_acquisition_id(),
+            owner=held.lease.owner,
+            purpose=held.lease.purpose,
+            ttl=held.timings.ttl,
+            waited=held.waited,
+            unlocked_since=held.unlocked_since,
+        )
+        return [Upgrade(held, request)]
 
     def _slot(self, lock: str) -> _Slot:
         slot = self._slots.get(lock)
@@ -517,6 +709,8 @@ class Coordinator:
         return actions
 
     def _store_failed(self, ticket: Ticket, error: StoreError, now: float) -> list[Action]:
+        if self.on_store_error == "open" and not isinstance(error, StoreBusy):
+            return self._grant_unlocked(ticket, error, now)
         ticket.store_failures += 1
         if not ticket.waits():
             return self._refuse(ticket, error, now)
@@ -559,10 +753,8 @@ class Coordinator:
         ticket.next_attempt_at = None
         ticket.next_heartbeat_at = None
         self._tickets.pop(ticket.id, None)
-        try:
+        if ticket in slot.queue:
             slot.queue.remove(ticket)
-        except ValueError:
-            pass
 
     def _serve_next(self, slot: _Slot, now: float) -> list[Action]:
         """Let the head of the queue try the store, unless the lock is still busy here."""
@@ -581,6 +773,10 @@ class Coordinator:
         self._leases.pop(held.lease_id, None)
         if slot.holder is held:
             slot.holder = None
+        if held.degraded:
+            # Nothing to release in the store: the next caller may go at once.
+            actions: list[Action] = [Ended(held, outcome), RecordUnlocked(held, outcome)]
+            return actions + self._serve_next(slot, now)
         slot.releasing = True
         return [Ended(held, outcome), Release(held, outcome)]
 

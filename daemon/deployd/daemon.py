@@ -67,7 +67,8 @@ def check_socket_dir(directory: str) -> None:
     if info.st_uid != os.getuid():
         raise StartupError(
             f"socket directory {directory} belongs to uid {info.st_uid}, not to you "
-            f"(uid {os.getuid()}); remove it or set DEPLOYD_SOCKET to a path in a directory you own",
+            f"(uid {os.getuid()}); remove it or set DEPLOYD_SOCKET to a path in a directory "
+            "you own",
             exitcodes.NO_PERMISSION,
         )
     if stat.S_IMODE(info.st_mode) & 0o077:
@@ -262,6 +263,7 @@ class Daemon:
                 await listener.aclose()
                 kept = await service.stop()
                 state.save_kept([_kept_record(held, binding) for held, binding in kept])
+                state.save_owed(service.unlocked.owed)
                 _remove_socket(self.socket_path)
                 connections.cancel_scope.cancel()
             task_group.cancel_scope.cancel()
@@ -278,12 +280,15 @@ class Daemon:
 
     async def _resume(self, service: LeaseService, state: LocalState) -> None:
         """Resume leases kept by the previous daemon whose holders still run."""
+        service.unlocked.owe(state.take_owed())
         boot_id = LocalState.boot_id()
         now = time.monotonic()
         for kept in state.take_kept():
             lease = kept.lease
             alive = tuple(identity for identity in kept.processes if is_alive(identity))
-            valid = kept.boot_id == boot_id and now < kept.confirmed_at + kept.timings.ttl
+            valid = kept.boot_id == boot_id and (
+                kept.unlocked_since is not None or now < kept.confirmed_at + kept.timings.ttl
+            )
             if alive and valid:
                 held = HeldLease(
                     lease=lease,
@@ -294,6 +299,9 @@ class Daemon:
                     granted_at=now,
                     waited=kept.waited,
                     takeover=kept.takeover,
+                    unlocked_since=kept.unlocked_since,
+                    unlocked_reason=kept.unlocked_reason,
+                    next_upgrade_at=now if kept.unlocked_since is not None else None,
                 )
                 binding = Binding(lease_id=lease.holder, kind=kept.binding_kind)
                 binding.processes = {identity.pid: identity for identity in alive}
@@ -303,8 +311,21 @@ class Daemon:
             logger.info(
                 "not resuming kept lease: lock=%s session=%s: %s", lease.lock, lease.holder, why
             )
-            if valid:
-                outcome = Outcome(OutcomeStatus.ABANDONED, detail=f"holder gone: {why}")
+            outcome = Outcome(OutcomeStatus.ABANDONED, detail=f"holder gone: {why}")
+            if kept.unlocked_since is not None:
+                held = HeldLease(
+                    lease=lease,
+                    timings=kept.timings,
+                    binding=None,
+                    confirmed_at=now,
+                    next_renew_at=now,
+                    granted_at=now,
+                    waited=kept.waited,
+                    unlocked_since=kept.unlocked_since,
+                    unlocked_reason=kept.unlocked_reason,
+                )
+                service.unlocked.record(held, outcome)
+            elif valid:
                 try:
                     with anyio.fail_after(self.config.store.timeout):
                         await service.store.release(lease, outcome)
@@ -322,6 +343,8 @@ def _kept_record(held: HeldLease, binding: Binding) -> KeptLease:
         boot_id=LocalState.boot_id(),
         waited=held.waited,
         takeover=held.takeover,
+        unlocked_since=held.unlocked_since if held.degraded else None,
+        unlocked_reason=held.unlocked_reason if held.degraded else None,
     )
 
 
@@ -336,7 +359,8 @@ def _remove_socket(path: str) -> None:
 def _store_location(config: Config) -> str:
     if config.store.kind == "sqlite":
         return config.store.sqlite_path(config.state_dir)
-    return f"{config.store.project or '(from environment)'}/{config.store.database}/{config.store.namespace}"
+    project = config.store.project or "(from environment)"
+    return f"{project}/{config.store.database}/{config.store.namespace}"
 
 
 def configure_logging(config: Config) -> None:

@@ -15,8 +15,15 @@ import anyio
 from deployd import __version__
 from deployd.config import MAX_TTL, MIN_TTL
 from deployd.coordinator import HeldLease
-from deployd.errors import InvalidArgument, InvalidRequest, LeaseLost, NotHolder, StoreError
-from deployd.models import Outcome, Purpose
+from deployd.errors import (
+    InvalidArgument,
+    InvalidRequest,
+    LeaseLost,
+    NotHolder,
+    StoreError,
+    StoreUnavailable,
+)
+from deployd.models import Outcome, Owner, Purpose
 from deployd.processes import ancestors, parent_pid
 from deployd.server import PROTOCOL_VERSIONS, Connection, Handler
 from deployd.service import AcquireSpec, LeaseService
@@ -124,8 +131,8 @@ class Params:
             return 0.0
         if not minimum <= seconds <= maximum:
             raise InvalidArgument(
-                f"{name} must be between {format_duration(minimum)} and {format_duration(maximum)}, "
-                f"got {value!r}"
+                f"{name} must be between {format_duration(minimum)} and "
+                f"{format_duration(maximum)}, got {value!r}"
             )
         return seconds
 
@@ -174,6 +181,7 @@ class Ops:
             "release": self.release,
             "status": self.status,
             "locks": self.locks,
+            "force_unlock": self.force_unlock,
         }
 
     async def hello(self, connection: Connection, request: dict[str, Any]) -> dict[str, Any]:
@@ -269,6 +277,8 @@ class Ops:
                 "renew_deadline": held.timings.renew_deadline,
             },
             "binding": binding.to_json() if binding else None,
+            "degraded": held.degraded,
+            "unlocked_reason": held.unlocked_reason if held.degraded else None,
         }
 
     # --- release ---
@@ -347,7 +357,9 @@ class Ops:
                 "lock": ended.lock,
                 "lease_id": lease_id,
                 "outcome": str(ended.outcome.status),
-                "message": f"lease {lease_id} on {ended.lock} had already ended ({ended.outcome.status})",
+                "message": (
+                    f"lease {lease_id} on {ended.lock} had already ended ({ended.outcome.status})"
+                ),
             }
         raise await self._lost_error(ended.lock, ended.error)
 
@@ -388,6 +400,30 @@ class Ops:
     async def _inspect(self, lock: str) -> Any:
         with anyio.fail_after(self.service.config.store.timeout + 1):
             return await self.service.store.inspect(lock)
+
+    # --- force ---
+
+    async def force_unlock(self, connection: Connection, request: dict[str, Any]) -> dict[str, Any]:
+        """Free a lock whoever holds it, recording who forced it and why."""
+        params = Params(request)
+        lock = params.lock()
+        reason = params.text("reason")
+        if not reason:
+            raise InvalidArgument("force_unlock needs a reason saying why the lock is taken away")
+        by = Owner(_user_of(connection), self.host, connection.peer_pid, self.info.daemon_id)
+        try:
+            before = await self.service.force_unlock(lock, by, reason)
+        except TimeoutError as exc:
+            raise StoreUnavailable(
+                f"the store did not respond to force-unlock of {lock} in time"
+            ) from exc
+        previous = before.lease
+        return {
+            "lock": lock,
+            "forced": previous is not None,
+            "previous": previous.to_json() if previous is not None else None,
+            "token": before.token + 1 if previous is not None else before.token,
+        }
 
     # --- status ---
 

@@ -39,6 +39,9 @@ class LeaseRequest:
     the store re-reads the lock and decides by it whether the grant applied.
     ``waiter_id`` names the caller's waiter entry, if it queued in the store.
     ``waited`` is how long the caller waited before this attempt, for history.
+    ``unlocked_since`` is set when the deploy has been running without a lock
+    since that wall-clock time (the store was unreachable); its deployment
+    record then starts there and is marked degraded.
     """
 
     lock: str
@@ -51,6 +54,7 @@ class LeaseRequest:
     force: bool = False
     force_reason: str | None = None
     waited: float = 0.0
+    unlocked_since: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,17 +114,33 @@ class Waiter:
 
 
 @dataclass(frozen=True, slots=True)
+class ForceRecord:
+    """Who last forced a lock away from its holder, why and when.
+
+    ``token`` is the fencing token the force handed out: a lease with a
+    smaller token was forced away (directly or before an earlier holder).
+    """
+
+    by: str
+    reason: str
+    at: float
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
 class LockState:
     """One lock as the store sees it: the last token, the lease if any, live waiters in order.
 
     ``lease`` is None when the lock is free; an expired lease that nobody has
-    taken over is still shown, with ``expires_in <= 0``.
+    taken over is still shown, with ``expires_in <= 0``. ``forced`` describes
+    the last time the lock was forced away from a holder, if ever.
     """
 
     lock: str
     token: int
     lease: Lease | None
     waiters: tuple[Waiter, ...] = ()
+    forced: ForceRecord | None = None
 
     @property
     def held(self) -> bool:
@@ -135,6 +155,7 @@ class LockState:
             "held": self.held,
             "lease": self.lease.to_json() if self.lease else None,
             "waiters": [waiter.to_json() for waiter in self.waiters],
+            "forced": asdict(self.forced) if self.forced else None,
         }
 
 
@@ -225,3 +246,12 @@ class Deployment:
         data = asdict(self)
         data["duration"] = self.duration
         return data
+
+
+def deployment_from_json(data: dict[str, Any]) -> Deployment:
+    """Rebuild a Deployment from ``Deployment.to_json()`` output."""
+    fields = dict(data)
+    fields.pop("duration", None)
+    fields["owner"] = Owner(**fields["owner"])
+    fields["purpose"] = Purpose(**fields["purpose"])
+    return Deployment(**fields)

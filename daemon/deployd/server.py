@@ -11,6 +11,7 @@ connections.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -94,10 +95,8 @@ class Connection:
         if self._closed:
             return
         data = (json.dumps(message, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
-        try:
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
             self._outbox_send.send_nowait(data)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass
 
     def close(self) -> None:
         """Close the connection: stop reading and sending."""

@@ -30,11 +30,15 @@ from deployd.coordinator import (
     Grant,
     HeldLease,
     Lost,
+    Overlap,
     Position,
+    RecordUnlocked,
     Refuse,
     Release,
     Renew,
     Ticket,
+    Upgrade,
+    Upgraded,
 )
 from deployd.errors import (
     DeploydError,
@@ -44,10 +48,11 @@ from deployd.errors import (
     ShuttingDown,
     StoreError,
 )
-from deployd.models import Lease, Outcome, OutcomeStatus, Owner, Purpose
+from deployd.models import Deployment, Lease, LockState, Outcome, OutcomeStatus, Owner, Purpose
 from deployd.processes import ProcessIdentity, identify, is_alive, wait_for_exit
 from deployd.sessions import new_acquisition_id, new_session_id
 from deployd.stores.base import LeaseStore
+from deployd.unlocked import UnlockedDeploys, overlap_event
 
 logger = logging.getLogger("deployd.leases")
 
@@ -143,7 +148,9 @@ class LeaseService:
         self.coordinator = Coordinator(
             poll_interval=config.store.effective_poll_interval(),
             new_acquisition_id=new_acquisition_id,
+            on_store_error=config.on_store_error,
         )
+        self.unlocked = UnlockedDeploys(store, self._overlap_found)
         self._pending: dict[int, _Pending] = {}
         self._bindings: dict[str, Binding] = {}
         self._ended: OrderedDict[str, EndedLease] = OrderedDict()
@@ -160,6 +167,7 @@ class LeaseService:
         """Run the timer loop and the store calls until cancelled."""
         async with anyio.create_task_group() as task_group:
             self._task_group = task_group
+            task_group.start_soon(self.unlocked.run)
             task_status.started()
             while True:
                 self._execute(self.coordinator.tick(self._clock()))
@@ -175,6 +183,7 @@ class LeaseService:
     def update_config(self, config: Config) -> None:
         """Apply a reloaded config; it affects leases granted from now on."""
         self.config = config
+        self.coordinator.on_store_error = config.on_store_error
 
     # --- requests ---
 
@@ -257,6 +266,29 @@ class LeaseService:
         with anyio.move_on_after(self.config.store.timeout + 1):
             await stored.wait()
         return held.lease
+
+    async def force_unlock(self, lock: str, by: Owner, reason: str) -> LockState:
+        """Free ``lock`` in the store whoever holds it; a holder of this daemon is told at once."""
+        logger.warning(
+            "force-unlock requested: lock=%s by=%s@%s reason=%r", lock, by.user, by.host, reason
+        )
+        self._store_calls += 1
+        with anyio.fail_after(self.config.store.timeout + 1):
+            before = await self.store.force_unlock(lock, by, reason)
+        displaced = before.lease
+        local = self.coordinator.holder_of(lock)
+        if displaced is not None and local is not None and local.lease_id == displaced.holder:
+            message = (
+                f"lease on {lock} was forced away by {by.user}@{by.host} ({reason}); "
+                "stop the deploy, or wait for the lock and start again"
+            )
+            after = await self.store.inspect(lock)
+            self._execute(
+                self.coordinator.displace(
+                    local.lease_id, LeaseLost(lock, message, after), self._clock()
+                )
+            )
+        return before
 
     def ended(self, lease_id: str) -> EndedLease | None:
         """Return what happened to a lease that has ended, if it is still remembered."""
@@ -370,7 +402,10 @@ class LeaseService:
                     outcome = Outcome(
                         OutcomeStatus.ABANDONED, detail="holder gone when the daemon stopped"
                     )
-                    task_group.start_soon(self._release_at_stop, held, outcome)
+                    if held.degraded:
+                        self.unlocked.record(held, outcome)
+                    else:
+                        task_group.start_soon(self._release_at_stop, held, outcome)
         for held, binding in kept:
             for scope in binding.watchers.values():
                 scope.cancel()
@@ -426,6 +461,14 @@ class LeaseService:
                     self._lost(action)
                 case Ended():
                     self._ended_lease(action)
+                case Upgrade():
+                    self._spawn(self._upgrade, action)
+                case Upgraded():
+                    self._spawn(self._upgraded, action)
+                case Overlap():
+                    self._overlap_live(action)
+                case RecordUnlocked():
+                    self.unlocked.record(action.held, action.outcome)
         self._wake()
 
     async def _attempt(self, action: Attempt) -> None:
@@ -441,6 +484,72 @@ class LeaseService:
             logger.exception("unexpected error from the store: lock=%s", action.ticket.lock)
             result = StoreError(f"unexpected store error: {exc}")
         self._execute(self.coordinator.attempt_done(action.ticket, result, sent_at, self._clock()))
+
+    async def _upgrade(self, action: Upgrade) -> None:
+        held = action.held
+        sent_at = self._clock()
+        self._store_calls += 1
+        result: Any
+        try:
+            result = await self.store.try_acquire(action.request)
+        except StoreError as exc:
+            logger.debug("store still unreachable for unlocked lease: lock=%s: %s", held.lock, exc)
+            result = exc
+        except Exception as exc:
+            logger.exception("unexpected error from the store: lock=%s", held.lock)
+            result = StoreError(f"unexpected store error: {exc}")
+        self._execute(self.coordinator.upgrade_done(held, result, sent_at, self._clock()))
+
+    async def _upgraded(self, action: Upgraded) -> None:
+        held = action.held
+        logger.warning(
+            "lease taken in the store after running without a lock since %s: lock=%s session=%s "
+            "token=%d",
+            time.strftime("%H:%M:%S", time.localtime(held.unlocked_since or 0)),
+            held.lock,
+            held.lease_id,
+            held.lease.token,
+        )
+        self._push(
+            held,
+            {
+                "event": "lease_locked",
+                "lock": held.lock,
+                "lease_id": held.lease_id,
+                "token": held.lease.token,
+                "message": f"the store is back: {held.lock} is now locked for this deploy "
+                f"with fencing token {held.lease.token}",
+            },
+        )
+        await self.unlocked.check_upgraded(held)
+
+    def _overlap_live(self, action: Overlap) -> None:
+        held = action.held
+        other = action.state.lease
+        assert other is not None
+        message = (
+            f"{held.lock} is held in the store by {other.owner.user} on {other.owner.host} "
+            f"(session {other.holder}, token {other.token}) while this deploy runs without a lock"
+        )
+        logger.warning("overlap: %s (session %s)", message, held.lease_id)
+        self._push(
+            held,
+            {"event": "overlap", "lock": held.lock, "lease_id": held.lease_id, "message": message},
+        )
+
+    def _overlap_found(
+        self, held: HeldLease | None, own: Deployment, others: list[Deployment]
+    ) -> None:
+        if held is not None:
+            self._push(held, overlap_event(own, others))
+
+    def _push(self, held: HeldLease, event: dict[str, Any]) -> None:
+        """Push an event to every connection the lease is bound to."""
+        binding = self._bindings.get(held.lease_id)
+        if binding is None:
+            return
+        for connection in list(binding.connections):
+            connection.push(event)
 
     async def _enqueue(self, action: Enqueue) -> None:
         ticket = action.ticket

@@ -18,7 +18,7 @@ from typing import Any
 
 from deployd.clock import MachineClock
 from deployd.config import LeaseTimings
-from deployd.models import Lease, Owner, Purpose, Takeover
+from deployd.models import Deployment, Lease, Owner, Purpose, Takeover, deployment_from_json
 from deployd.processes import ProcessIdentity
 
 logger = logging.getLogger("deployd.state")
@@ -29,6 +29,10 @@ CREATE TABLE IF NOT EXISTS kept_leases (
     lock TEXT NOT NULL,
     data TEXT NOT NULL,
     kept_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS owed_records (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    data TEXT NOT NULL
 );
 """
 
@@ -49,6 +53,8 @@ class KeptLease:
     boot_id: str
     waited: float
     takeover: Takeover
+    unlocked_since: float | None = None
+    unlocked_reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Return the record for the state file."""
@@ -83,6 +89,8 @@ class KeptLease:
             "boot_id": self.boot_id,
             "waited": self.waited,
             "takeover": str(self.takeover),
+            "unlocked_since": self.unlocked_since,
+            "unlocked_reason": self.unlocked_reason,
         }
 
     @classmethod
@@ -100,6 +108,8 @@ class KeptLease:
             boot_id=data["boot_id"],
             waited=float(data["waited"]),
             takeover=Takeover(data["takeover"]),
+            unlocked_since=data.get("unlocked_since"),
+            unlocked_reason=data.get("unlocked_reason"),
         )
 
 
@@ -147,6 +157,30 @@ class LocalState:
             except (ValueError, KeyError, TypeError) as exc:
                 logger.error("dropping an unreadable kept lease: session=%s: %s", lease_id, exc)
         return kept
+
+    def save_owed(self, records: list[Deployment]) -> None:
+        """Replace the deployment records still owed to the store with ``records``."""
+        with self._connection:
+            self._connection.execute("BEGIN IMMEDIATE")
+            self._connection.execute("DELETE FROM owed_records")
+            self._connection.executemany(
+                "INSERT INTO owed_records (data) VALUES (?)",
+                [(json.dumps(record.to_json()),) for record in records],
+            )
+
+    def take_owed(self) -> list[Deployment]:
+        """Return and delete the owed records; unreadable ones are logged and dropped."""
+        with self._connection:
+            self._connection.execute("BEGIN IMMEDIATE")
+            rows = self._connection.execute("SELECT data FROM owed_records ORDER BY id").fetchall()
+            self._connection.execute("DELETE FROM owed_records")
+        records = []
+        for (data,) in rows:
+            try:
+                records.append(deployment_from_json(json.loads(data)))
+            except (ValueError, KeyError, TypeError) as exc:
+                logger.error("dropping an unreadable owed deployment record: %s", exc)
+        return records
 
     def close(self) -> None:
         """Close the database."""

@@ -58,6 +58,8 @@ class LeaseStore(ABC):
         A grant increments the lock's fencing token, stores the lease with
         ``request.acquisition_id``, removes the caller's waiter entry and writes
         a deployment record, in one atomic change where the store allows it.
+        With ``request.unlocked_since`` set, the record starts at that time and
+        is marked degraded. A forced grant also records ``LockState.forced``.
 
         Queued callers are served first come, first served: when live waiter
         entries exist, only the first of them may take the free lock, so a
@@ -87,6 +89,26 @@ class LeaseStore(ABC):
         Returns False, and changes nothing, when the lock is held by someone
         else or already free. The fencing token is kept, so the next grant
         still gets a larger one.
+        """
+
+    @abstractmethod
+    async def force_unlock(self, lock: str, by: Owner, reason: str) -> LockState:
+        """Free the lock whoever holds it, live or expired, and return its state from before.
+
+        The fencing token grows by one, so the displaced holder's token is
+        superseded at once, and ``LockState.forced`` records ``by`` (as
+        ``user@host``), the reason, the time and that token; the displaced
+        holder's next renewal raises LeaseLost naming them. The displaced
+        deployment record is completed as ``forced``. A free lock is left as
+        it is and its state returned.
+        """
+
+    @abstractmethod
+    async def record_deployment(self, deployment: Deployment) -> None:
+        """Write a deployment record that no grant wrote: a deploy that ran without the lock.
+
+        Recording the same ``session_id`` again changes nothing, so a retry
+        after an ambiguous failure is safe.
         """
 
     @abstractmethod

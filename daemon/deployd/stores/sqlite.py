@@ -32,6 +32,7 @@ from deployd.models import (
     Acquired,
     Busy,
     Deployment,
+    ForceRecord,
     Lease,
     LeaseRequest,
     LockState,
@@ -88,7 +89,11 @@ _SCHEMA = (
         acquired_at REAL,
         renewed_at REAL,
         boot_id TEXT,
-        expires_at REAL
+        expires_at REAL,
+        forced_by TEXT,                      -- the last force: user@host,
+        force_reason TEXT,                   -- why,
+        forced_at REAL,                      -- when,
+        forced_token INTEGER                 -- and the token it handed out
     )
     """,
     """
@@ -109,7 +114,7 @@ _SCHEMA = (
         id INTEGER PRIMARY KEY AUTOINCREMENT,  -- grant order
         session_id TEXT NOT NULL,
         lock TEXT NOT NULL,
-        token INTEGER NOT NULL,
+        token INTEGER,                         -- NULL for a deploy without a grant
         owner TEXT NOT NULL,
         purpose TEXT NOT NULL,
         started_at REAL NOT NULL,
@@ -124,6 +129,14 @@ _SCHEMA = (
         UNIQUE (lock, token)
     )
     """,
+)
+
+# Columns added to version 1 files after their first release, as (table, column, type).
+_ADDED_COLUMNS = (
+    ("locks", "forced_by", "TEXT"),
+    ("locks", "force_reason", "TEXT"),
+    ("locks", "forced_at", "REAL"),
+    ("locks", "forced_token", "INTEGER"),
 )
 
 # Fixes for SQLite's primary result codes, keyed by code.
@@ -244,6 +257,12 @@ class SQLiteStore(LeaseStore):
     def _create_schema(self, db: sqlite3.Connection) -> None:
         for statement in _SCHEMA:
             db.execute(statement)
+        _allow_deployments_without_token(db)
+        for table, column, column_type in _ADDED_COLUMNS:
+            existing = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+            if column not in existing:
+                # Names from the constant above, because DDL takes no bound parameters.
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {column_type}")
 
         row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
@@ -270,6 +289,19 @@ class SQLiteStore(LeaseStore):
     async def release(self, lease: Lease, outcome: Outcome) -> bool:
         return await self._run(
             lambda db: self._release_in(db, lease, outcome), _WRITE, "release", lease.lock
+        )
+
+    async def force_unlock(self, lock: str, by: Owner, reason: str) -> LockState:
+        return await self._run(
+            lambda db: self._force_unlock_in(db, lock, by, reason), _WRITE, "force-unlock", lock
+        )
+
+    async def record_deployment(self, deployment: Deployment) -> None:
+        await self._run(
+            lambda db: _record_deployment_in(db, deployment),
+            _WRITE,
+            "record deployment",
+            deployment.lock,
         )
 
     async def inspect(self, lock: str) -> LockState:
@@ -351,12 +383,21 @@ class SQLiteStore(LeaseStore):
             version=str(version),
         )
         _write_lease(db, lease, now)
+        if takeover is Takeover.FORCED:
+            _write_force(
+                db,
+                request.lock,
+                f"{request.owner.user}@{request.owner.host}",
+                request.force_reason or "no reason given",
+                wall_now,
+                lease.token,
+            )
         if request.waiter_id is not None:
             db.execute(
                 "DELETE FROM waiters WHERE lock = ? AND waiter_id = ?",
                 (request.lock, request.waiter_id),
             )
-        _insert_deployment(db, lease, request.waited, takeover)
+        _insert_deployment(db, lease, request.waited, takeover, request.unlocked_since)
 
         if previous is None:
             logger.debug("granted lock %s to %s (token %d)", lease.lock, lease.holder, lease.token)
@@ -439,6 +480,37 @@ class SQLiteStore(LeaseStore):
             outcome.status.value,
         )
         return True
+
+    def _force_unlock_in(
+        self, db: sqlite3.Connection, lock: str, by: Owner, reason: str
+    ) -> LockState:
+        state = _read_state(db, lock, self._clock())
+        previous = state.lease
+        if previous is None:
+            return state
+
+        wall_now = self._wall()
+        forced_by = f"{by.user}@{by.host}"
+        token = state.token + 1
+        db.execute(
+            "UPDATE locks SET token = ?, version = version + 1, holder = NULL, "
+            "acquisition_id = NULL, owner = NULL, purpose = NULL, ttl = NULL, "
+            "acquired_at = NULL, renewed_at = NULL, boot_id = NULL, expires_at = NULL "
+            "WHERE name = ?",
+            (token, lock),
+        )
+        _write_force(db, lock, forced_by, reason, wall_now, token)
+        outcome = Outcome(OutcomeStatus.FORCED, detail=f"forced away by {forced_by}: {reason}")
+        _complete_deployment(db, lock, previous.token, outcome, wall_now)
+        logger.info(
+            "force-unlocked lock %s held by %s (token %d) for %s: %s",
+            lock,
+            previous.holder,
+            previous.token,
+            forced_by,
+            reason,
+        )
+        return state
 
     def _enqueue_in(
         self,
@@ -708,22 +780,87 @@ def _write_lease(db: sqlite3.Connection, lease: Lease, now: ClockReading) -> Non
 
 
 def _insert_deployment(
-    db: sqlite3.Connection, lease: Lease, waited: float, takeover: Takeover
+    db: sqlite3.Connection,
+    lease: Lease,
+    waited: float,
+    takeover: Takeover,
+    unlocked_since: float | None = None,
 ) -> None:
     db.execute(
         "INSERT INTO deployments "
-        "(session_id, lock, token, owner, purpose, started_at, waited, takeover) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "(session_id, lock, token, owner, purpose, started_at, waited, takeover, degraded) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             lease.holder,
             lease.lock,
             lease.token,
             _to_json(lease.owner),
             _to_json(lease.purpose),
-            lease.acquired_at,
+            unlocked_since if unlocked_since is not None else lease.acquired_at,
             waited,
             takeover.value,
+            int(unlocked_since is not None),
         ),
+    )
+
+
+def _record_deployment_in(db: sqlite3.Connection, record: Deployment) -> None:
+    """Insert a record written without a grant, unless its session is recorded already."""
+    exists = db.execute(
+        "SELECT 1 FROM deployments WHERE session_id = ? AND lock = ?",
+        (record.session_id, record.lock),
+    ).fetchone()
+    if exists:
+        return
+    # Token 0 (no grant) is stored as NULL, which UNIQUE (lock, token) lets repeat.
+    db.execute(
+        "INSERT INTO deployments (session_id, lock, token, owner, purpose, started_at, waited, "
+        "finished_at, outcome, exit_code, revision, degraded, takeover, detail) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            record.session_id,
+            record.lock,
+            record.token or None,
+            _to_json(record.owner),
+            _to_json(record.purpose),
+            record.started_at,
+            record.waited,
+            record.finished_at,
+            record.outcome,
+            record.exit_code,
+            record.revision,
+            int(record.degraded),
+            record.takeover,
+            record.detail,
+        ),
+    )
+
+
+def _allow_deployments_without_token(db: sqlite3.Connection) -> None:
+    """Rebuild a deployments table whose token column is NOT NULL, as early files had it.
+
+    Deploys that ran without a lock have no token; their records store NULL.
+    """
+    columns = {row["name"]: row for row in db.execute("PRAGMA table_info(deployments)")}
+    if not columns["token"]["notnull"]:
+        return
+    create = db.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'deployments'"
+    ).fetchone()["sql"]
+    db.execute("ALTER TABLE deployments RENAME TO deployments_before_migration")
+    db.execute(create.replace("token INTEGER NOT NULL", "token INTEGER"))
+    db.execute("INSERT INTO deployments SELECT * FROM deployments_before_migration")
+    db.execute("DROP TABLE deployments_before_migration")
+    logger.info("migrated the deployments table: records without a fencing token are allowed")
+
+
+def _write_force(
+    db: sqlite3.Connection, lock: str, by: str, reason: str, at: float, token: int
+) -> None:
+    db.execute(
+        "UPDATE locks SET forced_by = ?, force_reason = ?, forced_at = ?, forced_token = ? "
+        "WHERE name = ?",
+        (by, reason, at, token, lock),
     )
 
 
@@ -774,6 +911,9 @@ def _is_same_lease(stored: Lease, lease: Lease) -> bool:
 
 def _lost_message(lease: Lease, state: LockState) -> str:
     lost = f"lease of {lease.holder} on lock {lease.lock!r} is lost"
+    forced = state.forced
+    if forced is not None and forced.token > lease.token:
+        lost += f": forced away by {forced.by} ({forced.reason})"
     current = state.lease
     if current is None:
         return f"{lost}: the lock is free now (last fencing token {state.token}); acquire it again"
@@ -806,7 +946,15 @@ def _state_from_row(row: sqlite3.Row, waiters: list[Waiter], now: ClockReading) 
             expires_in=_expires_in(row["boot_id"], row["expires_at"], now),
             version=str(row["version"]),
         )
-    return LockState(row["name"], row["token"], lease, tuple(waiters))
+    forced = None
+    if row["forced_by"] is not None:
+        forced = ForceRecord(
+            by=row["forced_by"],
+            reason=row["force_reason"],
+            at=row["forced_at"],
+            token=row["forced_token"],
+        )
+    return LockState(row["name"], row["token"], lease, tuple(waiters), forced)
 
 
 def _waiter_from_row(row: sqlite3.Row, now: ClockReading) -> Waiter:
@@ -824,7 +972,7 @@ def _deployment_from_row(row: sqlite3.Row) -> Deployment:
     return Deployment(
         session_id=row["session_id"],
         lock=row["lock"],
-        token=row["token"],
+        token=row["token"] or 0,
         owner=_owner_from_json(row["owner"]),
         purpose=_purpose_from_json(row["purpose"]),
         started_at=row["started_at"],
