@@ -117,6 +117,9 @@ class HeldLease:
     upgrade_in_flight: bool = False
     upgrade_failures: int = 0
     overlap_reported: bool = False
+    # The lease this grant replaced (expired or forced away), if any.
+    replaced: Lease | None = None
+    force_reason: str | None = None
 
     @property
     def degraded(self) -> bool:
@@ -665,6 +668,8 @@ class Coordinator:
             granted_at=now,
             waited=max(0.0, now - ticket.arrived_at),
             takeover=result.takeover,
+            replaced=result.previous,
+            force_reason=ticket.force_reason,
         )
         actions: list[Action] = []
         displaced = slot.holder

@@ -204,6 +204,7 @@ class Outcome:
     exit_code: int | None = None
     revision: str | None = None
     detail: str | None = None
+    output_tail: tuple[str, ...] | None = None
 
     @classmethod
     def from_exit_code(cls, exit_code: int | None, revision: str | None = None) -> Outcome:

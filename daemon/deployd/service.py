@@ -48,17 +48,35 @@ from deployd.errors import (
     ShuttingDown,
     StoreError,
 )
-from deployd.models import Deployment, Lease, LockState, Outcome, OutcomeStatus, Owner, Purpose
+from deployd.events import DeployEvent, EventBus, EventKind, lease_event
+from deployd.models import (
+    Deployment,
+    Lease,
+    LockState,
+    Outcome,
+    OutcomeStatus,
+    Owner,
+    Purpose,
+    Takeover,
+)
 from deployd.processes import ProcessIdentity, identify, is_alive, wait_for_exit
 from deployd.sessions import new_acquisition_id, new_session_id
 from deployd.stores.base import LeaseStore
 from deployd.unlocked import UnlockedDeploys, overlap_event
+from deployd_client.durations import format_duration
 
 logger = logging.getLogger("deployd.leases")
 
 # How many ended leases are remembered, so that a late release or re-attach
 # learns what happened to its lease instead of "unknown lease".
 ENDED_LEASES_KEPT = 1000
+
+_OUTCOME_EVENTS = {
+    OutcomeStatus.SUCCEEDED: EventKind.SUCCEEDED,
+    OutcomeStatus.FAILED: EventKind.FAILED,
+    OutcomeStatus.RELEASED: EventKind.RELEASED,
+    OutcomeStatus.ABANDONED: EventKind.ABANDONED,
+}
 
 # The shortest time between two queue_position events to one waiting caller.
 POSITION_EVENT_INTERVAL = 0.5
@@ -104,6 +122,7 @@ class _Pending:
     error: DeploydError | None = None
     position_sent_at: float | None = None
     position_due: Position | None = None
+    waiting_announced: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +170,9 @@ class LeaseService:
             on_store_error=config.on_store_error,
         )
         self.unlocked = UnlockedDeploys(store, self._overlap_found)
+        self.events = EventBus()
+        # Leases to warn about once they pass lease.max_hold: lease id -> monotonic due time.
+        self._max_hold_due: dict[str, float] = {}
         self._pending: dict[int, _Pending] = {}
         self._bindings: dict[str, Binding] = {}
         self._ended: OrderedDict[str, EndedLease] = OrderedDict()
@@ -174,7 +196,11 @@ class LeaseService:
                 # _execute() has just set the event for tick's own actions. The deadline
                 # below already covers them, so waiting on that event would spin the loop.
                 self._wakeup = anyio.Event()
-                deadlines = [self.coordinator.next_deadline(), self._flush_positions()]
+                deadlines = [
+                    self.coordinator.next_deadline(),
+                    self._flush_positions(),
+                    self._check_max_hold(),
+                ]
                 deadline = min((time for time in deadlines if time is not None), default=None)
                 delay = math.inf if deadline is None else max(0.0, deadline - self._clock())
                 with anyio.move_on_after(delay):
@@ -532,6 +558,9 @@ class LeaseService:
             f"(session {other.holder}, token {other.token}) while this deploy runs without a lock"
         )
         logger.warning("overlap: %s (session %s)", message, held.lease_id)
+        self.events.emit(
+            lease_event(EventKind.OVERLAP, held.lease, message=message, holder=other.to_json())
+        )
         self._push(
             held,
             {"event": "overlap", "lock": held.lock, "lease_id": held.lease_id, "message": message},
@@ -540,8 +569,20 @@ class LeaseService:
     def _overlap_found(
         self, held: HeldLease | None, own: Deployment, others: list[Deployment]
     ) -> None:
+        event = overlap_event(own, others)
+        self.events.emit(
+            DeployEvent(
+                kind=EventKind.OVERLAP,
+                lock=own.lock,
+                session_id=own.session_id,
+                owner=own.owner,
+                purpose=own.purpose,
+                token=None,
+                details={"message": event["message"], "others": event["others"]},
+            )
+        )
         if held is not None:
-            self._push(held, overlap_event(own, others))
+            self._push(held, event)
 
     def _push(self, held: HeldLease, event: dict[str, Any]) -> None:
         """Push an event to every connection the lease is bound to."""
@@ -658,11 +699,65 @@ class LeaseService:
             held.takeover,
             held.waited,
         )
+        self._announce_grant(held)
         pending = self._pending.get(action.ticket.id)
         if pending is None:
             # The caller left; the coordinator has already released this grant.
             return
         self._answer(pending, held=held)
+
+    def _announce_grant(self, held: HeldLease) -> None:
+        lease = held.lease
+        self._max_hold_due[held.lease_id] = held.granted_at + self.config.lease.max_hold
+        replaced = held.replaced.to_json() if held.replaced is not None else None
+        if held.degraded:
+            self.events.emit(lease_event(EventKind.UNLOCKED, lease, message=held.unlocked_reason))
+        elif held.takeover is Takeover.FORCED:
+            self.events.emit(
+                lease_event(
+                    EventKind.FORCED, lease, holder=replaced, force_reason=held.force_reason
+                )
+            )
+        elif held.takeover is Takeover.EXPIRED:
+            self.events.emit(lease_event(EventKind.STALE_TAKEOVER, lease, holder=replaced))
+        self.events.emit(
+            lease_event(
+                EventKind.STARTED,
+                lease,
+                waited=round(held.waited, 3),
+                takeover=str(held.takeover),
+                unlocked=held.degraded or None,
+            )
+        )
+
+    def _check_max_hold(self) -> float | None:
+        """Announce leases held longer than lease.max_hold; return when the next one is due."""
+        now = self._clock()
+        next_due: float | None = None
+        for lease_id, due in list(self._max_hold_due.items()):
+            held = self.coordinator.lease(lease_id)
+            if held is None:
+                del self._max_hold_due[lease_id]
+                continue
+            if now >= due:
+                del self._max_hold_due[lease_id]
+                logger.warning(
+                    "lease held longer than lease.max_hold (%s): lock=%s session=%s",
+                    format_duration(self.config.lease.max_hold),
+                    held.lock,
+                    lease_id,
+                )
+                self.events.emit(
+                    lease_event(
+                        EventKind.MAX_HOLD,
+                        held.lease,
+                        held_for=round(now - held.granted_at, 3),
+                        max_hold=self.config.lease.max_hold,
+                    )
+                )
+            elif next_due is None or due < next_due:
+                next_due = due
+        return next_due
 
     def _refused(self, action: Refuse) -> None:
         logger.info(
@@ -685,6 +780,20 @@ class LeaseService:
         pending = self._pending.get(action.ticket.id)
         if pending is None:
             return
+        if not pending.waiting_announced and action.holder is not None:
+            pending.waiting_announced = True
+            ticket = action.ticket
+            self.events.emit(
+                DeployEvent(
+                    kind=EventKind.WAITING,
+                    lock=ticket.lock,
+                    session_id=ticket.session_id,
+                    owner=ticket.owner,
+                    purpose=ticket.purpose,
+                    token=None,
+                    details={"holder": action.holder.to_json(), "position": action.position},
+                )
+            )
         now = self._clock()
         sent_at = pending.position_sent_at
         if sent_at is not None and now - sent_at < POSITION_EVENT_INTERVAL:
@@ -723,6 +832,14 @@ class LeaseService:
     def _lost(self, action: Lost) -> None:
         held = action.held
         new_holder = action.error.new_holder
+        self.events.emit(
+            lease_event(
+                EventKind.LOST,
+                held.lease,
+                message=str(action.error),
+                holder=new_holder.to_json() if new_holder else None,
+            )
+        )
         logger.warning(
             "lease lost: lock=%s session=%s token=%d new_holder=%s: %s",
             held.lock,
@@ -754,6 +871,21 @@ class LeaseService:
         if action.outcome.status is OutcomeStatus.LOST:
             error = LeaseLost(held.lock, action.outcome.detail or f"lease on {held.lock} was lost")
         self._ended[held.lease_id] = EndedLease(held.lock, action.outcome, error)
+        self._max_hold_due.pop(held.lease_id, None)
+        kind = _OUTCOME_EVENTS.get(action.outcome.status)
+        if kind is not None:
+            self.events.emit(
+                lease_event(
+                    kind,
+                    held.lease,
+                    exit_code=action.outcome.exit_code,
+                    revision=action.outcome.revision,
+                    detail=action.outcome.detail,
+                    duration=round(self._clock() - held.granted_at, 3),
+                    output_tail=action.outcome.output_tail,
+                    unlocked=held.degraded or None,
+                )
+            )
         while len(self._ended) > ENDED_LEASES_KEPT:
             self._ended.popitem(last=False)
         logger.info(
