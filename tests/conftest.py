@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+# The Firestore emulator fixtures, registered for every test module.
+from firestore_emulator import firestore_emulator, firestore_namespace  # noqa: F401
 from harness import DaemonProcess, Workstation, short_tempdir, start_daemon
 
 

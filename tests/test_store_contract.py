@@ -24,15 +24,16 @@ from conftest_store import (
     owner_of,
     session_id,
 )
+from firestore_emulator import FirestoreNamespace, ManualServerClock
 
 from deployd.errors import LeaseLost
-from deployd.models import Acquired, Outcome, OutcomeStatus, Purpose, Takeover
+from deployd.models import Acquired, Deployment, Outcome, OutcomeStatus, Purpose, Takeover
 from deployd.stores.base import LeaseStore
 from deployd.stores.sqlite import SQLiteStore
 
 pytestmark = pytest.mark.anyio
 
-STORE_KINDS = ["sqlite"]
+STORE_KINDS = ["sqlite", "firestore"]
 # Kinds that judge expiry by a machine clock tagged with a boot id.
 MACHINE_CLOCK_KINDS = {"sqlite"}
 
@@ -61,14 +62,22 @@ def store_kind(request: pytest.FixtureRequest) -> str:
     return kind
 
 
-def _build_store(kind: str, tmp_path: Path, clock: FakeClock) -> LeaseStore:
+def _build_store(
+    kind: str, tmp_path: Path, clock: FakeClock, request: pytest.FixtureRequest
+) -> LeaseStore:
     if kind == "sqlite":
         return SQLiteStore(str(tmp_path / "locks.sqlite3"), clock=clock, wall=clock.wall)
+    if kind == "firestore":
+        # The emulator starts only when a Firestore test runs.
+        namespace: FirestoreNamespace = request.getfixturevalue("firestore_namespace")
+        return namespace.build_store(server_clock=ManualServerClock.attached_to(clock))
     raise AssertionError(f"no test setup for store kind {kind!r}")
 
 
 @pytest.fixture
-async def open_store(store_kind: str, tmp_path: Path, clock: FakeClock) -> AsyncIterator[OpenStore]:
+async def open_store(
+    store_kind: str, tmp_path: Path, clock: FakeClock, request: pytest.FixtureRequest
+) -> AsyncIterator[OpenStore]:
     """Yield a function that opens one more store object on the same data.
 
     A second object acts as a restarted daemon or as another daemon on the machine.
@@ -76,7 +85,7 @@ async def open_store(store_kind: str, tmp_path: Path, clock: FakeClock) -> Async
     opened: list[LeaseStore] = []
 
     async def open_new() -> LeaseStore:
-        store = _build_store(store_kind, tmp_path, clock)
+        store = _build_store(store_kind, tmp_path, clock, request)
         await store.open()
         opened.append(store)
         return store
@@ -777,3 +786,152 @@ async def test_unusual_lock_names_are_bound_safely(store: LeaseStore, lock: str)
     assert state.lease is not None
     assert state.lease.version == other.version
     assert state.waiters == ()
+
+
+# --- force-unlock, force records, unlocked deploys ---
+
+
+async def test_force_unlock_frees_live_lock(store: LeaseStore) -> None:
+    lease = await expect_grant(store, ANA)
+    forcer = owner_of(BEN)
+
+    before = await store.force_unlock("api", forcer, "ana's deploy hangs")
+
+    assert before.lease is not None
+    assert before.lease.holder == ANA
+    after = await store.inspect("api")
+    assert after.lease is None
+    assert after.token == lease.token + 1
+    assert after.forced is not None
+    assert after.forced.by == f"{forcer.user}@{forcer.host}"
+    assert after.forced.reason == "ana's deploy hangs"
+    assert after.forced.token == lease.token + 1
+
+
+async def test_force_unlock_records_forced_outcome(store: LeaseStore) -> None:
+    await expect_grant(store, ANA)
+
+    await store.force_unlock("api", owner_of(BEN), "stuck")
+
+    [record] = await store.history("api")
+    assert record.outcome == "forced"
+    assert record.finished_at is not None
+    assert record.detail is not None
+    assert "stuck" in record.detail
+
+
+async def test_force_unlock_makes_renewal_name_forcer(store: LeaseStore) -> None:
+    lease = await expect_grant(store, ANA)
+    await store.force_unlock("api", owner_of(BEN), "stuck deploy")
+
+    with pytest.raises(LeaseLost) as raised:
+        await store.renew(lease)
+
+    message = str(raised.value)
+    assert "forced away by ben@build-7" in message
+    assert "stuck deploy" in message
+
+
+async def test_force_unlock_then_release_returns_false(store: LeaseStore) -> None:
+    lease = await expect_grant(store, ANA)
+    await store.force_unlock("api", owner_of(BEN), "stuck")
+
+    assert await store.release(lease, Outcome.from_exit_code(0)) is False
+
+
+async def test_force_unlock_free_lock_changes_nothing(store: LeaseStore) -> None:
+    lease = await expect_grant(store, ANA)
+    await store.release(lease, Outcome.from_exit_code(0))
+
+    before = await store.force_unlock("api", owner_of(BEN), "just in case")
+
+    assert before.lease is None
+    after = await store.inspect("api")
+    assert after.token == lease.token
+    assert after.forced is None
+
+
+async def test_force_unlock_then_grant_gets_next_token(store: LeaseStore) -> None:
+    lease = await expect_grant(store, ANA)
+    await store.force_unlock("api", owner_of(BEN), "stuck")
+
+    next_lease = await expect_grant(store, CARA)
+
+    assert next_lease.token == lease.token + 2
+
+
+async def test_forced_grant_records_forcer(store: LeaseStore) -> None:
+    lease = await expect_grant(store, ANA)
+    await store.try_acquire(make_request(BEN, force=True, force_reason="hotfix"))
+
+    state = await store.inspect("api")
+
+    assert state.forced is not None
+    assert state.forced.by.startswith("ben@")
+    assert state.forced.reason == "hotfix"
+    with pytest.raises(LeaseLost, match="forced away by ben@"):
+        await store.renew(lease)
+
+
+async def test_record_deployment_of_unlocked_deploy(store: LeaseStore) -> None:
+    record = Deployment(
+        session_id=ANA,
+        lock="api",
+        token=0,
+        owner=owner_of(ANA),
+        purpose=Purpose(commit="abc1234", reason="store down"),
+        started_at=1_770_000_000.0,
+        waited=0.0,
+        finished_at=1_770_000_060.0,
+        outcome="succeeded",
+        exit_code=0,
+        degraded=True,
+        takeover="unlocked",
+        detail="ran without a lock: store unreachable",
+    )
+
+    await store.record_deployment(record)
+    await store.record_deployment(record)
+
+    [stored] = await store.history("api")
+    assert stored.session_id == ANA
+    assert stored.token == 0
+    assert stored.degraded is True
+    assert stored.outcome == "succeeded"
+    assert stored.exit_code == 0
+    assert stored.started_at == 1_770_000_000.0
+    assert stored.finished_at == 1_770_000_060.0
+    assert stored.takeover == "unlocked"
+
+
+async def test_two_unlocked_records_on_one_lock(store: LeaseStore) -> None:
+    for holder in (ANA, BEN):
+        await store.record_deployment(
+            Deployment(
+                session_id=holder,
+                lock="api",
+                token=0,
+                owner=owner_of(holder),
+                purpose=Purpose(),
+                started_at=1_770_000_000.0,
+                waited=0.0,
+                finished_at=1_770_000_010.0,
+                outcome="succeeded",
+                degraded=True,
+            )
+        )
+
+    history = await store.history("api")
+
+    assert sorted(record.session_id for record in history) == sorted([ANA, BEN])
+
+
+async def test_grant_after_unlocked_run_marks_record(store: LeaseStore) -> None:
+    request = make_request(ANA, unlocked_since=1_770_000_000.0)
+
+    await store.try_acquire(request)
+
+    [record] = await store.history("api")
+    assert record.degraded is True
+    assert record.started_at == 1_770_000_000.0
+    assert record.token == 1

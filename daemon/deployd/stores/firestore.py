@@ -467,12 +467,13 @@ class FirestoreStore(LeaseStore):
         read = await self._read_lock(lock, deadline, "force_unlock")
         while True:
             before = read.state
-            if read.lock.lease is None or read.lock.version is None:
+            previous, version = read.lock.lease, read.lock.version
+            if previous is None or version is None:
                 return before
 
             force_id = secrets.token_hex(8)
             try:
-                await self._write_force(read, forced_by, reason, force_id, deadline)
+                await self._write_force(previous, version, forced_by, reason, force_id, deadline)
                 return before
             except _RpcFailed as failure:
                 read, _ = await self._read_after_failure(failure, "force-unlock", lock, forced_by)
@@ -482,20 +483,21 @@ class FirestoreStore(LeaseStore):
                 self._raise_unless_retryable(failure, deadline, "force_unlock", lock)
 
     async def _write_force(
-        self, read: LockRead, forced_by: str, reason: str, force_id: str, deadline: float
+        self,
+        previous: Lease,
+        version: str,
+        forced_by: str,
+        reason: str,
+        force_id: str,
+        deadline: float,
     ) -> None:
-        previous = read.lock.lease
-        assert previous is not None and read.lock.version is not None
-        token = read.lock.token + 1
+        # A held lock's token is its lease's, so the force hands out the next one.
+        forced = forced_fields(forced_by, reason, previous.token + 1, force_id)
         batch = self._require_client("force_unlock").batch()
         batch.update(
             self._lock_reference(previous.lock),
-            {
-                **released_fields(),
-                **forced_fields(forced_by, reason, token, force_id),
-                "token": Increment(1),
-            },
-            option=self._precondition(read.lock.version),
+            {**released_fields(), **forced, "token": Increment(1)},
+            option=self._precondition(version),
         )
         outcome = Outcome(OutcomeStatus.FORCED, detail=f"forced away by {forced_by}: {reason}")
         batch.set(
@@ -852,9 +854,9 @@ class FirestoreStore(LeaseStore):
     def _unavailable(
         self, failure: _RpcFailed, operation: str, lock: str | None
     ) -> StoreUnavailable:
-        what = f"{operation} of lock {lock!r}" if lock is not None else operation
+        failed_call = f"{operation} of lock {lock!r}" if lock is not None else operation
         return StoreUnavailable(
-            f"{self._describe_store()} failed {what}: {failure.describe(self.timeout)}; "
+            f"{self._describe_store()} failed {failed_call}: {failure.describe(self.timeout)}; "
             f"{self._hint(failure.root_error)}"
         )
 

@@ -6,8 +6,9 @@ Documents, all under ``deployd/{namespace}``:
   back. It contains the lock name and the last fencing token and, while the lock
   is held, the lease: holder, acquisition id, owner, purpose, TTL, the server
   times of the grant and of the last renewal, and the last renewal's id.
-  ``released`` is the server time the lock was last freed, and ``forced`` records
-  the last force: by whom, why, when, the token it handed out and its id.
+  ``released`` is the server time the lock was last freed. ``forced`` records
+  the last force: who forced the lock, the reason, the server time, the token
+  that the force handed out, and the force's id.
 - ``queues/{lock}``: the lock name and its waiter entries in one map, keyed by
   waiter id. Each entry contains the waiter id, owner, purpose, TTL, and the
   server times of the enqueue and of the last heartbeat.

@@ -1,0 +1,668 @@
+"""Tests of what only the Firestore store does, against the emulator.
+
+The shared contract lives in test_store_contract.py. These tests cover the
+document layout, the RPC cost of each operation, expiry by real server time
+with short TTLs, clock skew between workstations, writes whose replies are
+lost (through tcp_proxy.TcpProxy), deadlines, and an emulator restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import pytest
+from conftest_store import TTL, expect_busy, expect_grant, make_request, owner_of, session_id
+from firestore_emulator import FirestoreEmulator, FirestoreNamespace
+from google.api_core.datetime_helpers import DatetimeWithNanoseconds
+from google.cloud.firestore import AsyncClient
+from proto.datetime_helpers import DatetimeWithNanoseconds as ProtoDatetime  # type: ignore[import-untyped]
+from tcp_proxy import TcpProxy
+
+from deployd.config import Config, StoreConfig
+from deployd.errors import ConfigError, LeaseLost, StoreUnavailable
+from deployd.models import Acquired, Deployment, Outcome, Purpose, Takeover
+from deployd.stores import create_store
+from deployd.stores.firestore import EMULATOR_PROJECT, FirestoreStore, resolve_project
+from deployd.stores.firestore_documents import version_of
+
+pytestmark = pytest.mark.anyio
+
+ANA = session_id("ana")
+BEN = session_id("ben")
+CARA = session_id("cara")
+DAVE = session_id("dave")
+
+# Store timeout in the fault tests, in seconds.
+TIMEOUT = 1.0
+# TTL of the leases that the real-time tests let expire, in seconds.
+SHORT_TTL = 1.0
+# Margin added to SHORT_TTL before a lease counts as expired, for RPC latency.
+EXPIRY_MARGIN = 0.4
+
+OpenStore = Callable[..., Awaitable[FirestoreStore]]
+
+
+@pytest.fixture
+async def open_store(
+    firestore_namespace: FirestoreNamespace, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[OpenStore]:
+    """Yield a function that opens a store in the test's namespace.
+
+    ``emulator_host`` points that store at another address, such as a proxy;
+    other keyword arguments go to FirestoreStore.
+    """
+    opened: list[FirestoreStore] = []
+
+    async def open_new(emulator_host: str | None = None, **changes: Any) -> FirestoreStore:
+        store = firestore_namespace.build_store(**changes)
+        with monkeypatch.context() as patch:
+            if emulator_host is not None:
+                # The library reads the variable only while open() creates the client.
+                patch.setenv("FIRESTORE_EMULATOR_HOST", emulator_host)
+            await store.open()
+        opened.append(store)
+        return store
+
+    yield open_new
+
+    for store in opened:
+        await store.aclose()
+
+
+@pytest.fixture
+def proxy(firestore_namespace: FirestoreNamespace) -> Iterator[TcpProxy]:
+    with TcpProxy(firestore_namespace.host) as started:
+        yield started
+
+
+@pytest.fixture
+async def raw_client(firestore_namespace: FirestoreNamespace) -> AsyncIterator[AsyncClient]:
+    """Yield a plain client for reading the store's documents directly."""
+    client = AsyncClient(project=firestore_namespace.project)
+    yield client
+    # AsyncClient has no public close(); this closes the channel it opened.
+    await client._firestore_api.transport.close()
+
+
+async def _measure(
+    store: FirestoreStore, proxy: TcpProxy, call: Awaitable[Any]
+) -> tuple[Any, tuple[int, int]]:
+    """Await ``call`` and return its result with its cost.
+
+    The cost is a pair: the RPCs that the store counted, and the requests that the proxy saw.
+    """
+    counted, seen = store.rpc_count, proxy.requests
+    result = await call
+    return result, (store.rpc_count - counted, proxy.requests - seen)
+
+
+def _parse_version(version: str) -> datetime:
+    parsed: datetime = DatetimeWithNanoseconds.from_rfc3339(version)  # type: ignore[no-untyped-call]
+    return parsed
+
+
+def _unlocked_record(holder: str) -> Deployment:
+    """Return the record of a deploy by ``holder`` that ran without the lock ``api``."""
+    return Deployment(
+        session_id=holder,
+        lock="api",
+        token=0,
+        owner=owner_of(holder),
+        purpose=Purpose(),
+        started_at=1_770_000_000.5,
+        waited=0.0,
+        finished_at=1_770_000_060.25,
+        outcome="succeeded",
+        exit_code=0,
+        degraded=True,
+        takeover="unlocked",
+    )
+
+
+async def _until_available(call: Callable[[], Awaitable[Any]], within: float = 60.0) -> Any:
+    """Repeat ``call`` while it raises StoreUnavailable, for at most ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await call()
+        except StoreUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await anyio.sleep(0.5)
+
+
+# --- configuration, without the emulator ---
+
+
+def test_project_comes_from_config_first() -> None:
+    environ = {"GOOGLE_CLOUD_PROJECT": "from-env", "FIRESTORE_EMULATOR_HOST": "127.0.0.1:1"}
+
+    assert resolve_project("from-config", environ) == "from-config"
+
+
+def test_project_falls_back_to_environment() -> None:
+    environ = {"GOOGLE_CLOUD_PROJECT": "from-env", "FIRESTORE_EMULATOR_HOST": "127.0.0.1:1"}
+
+    assert resolve_project(None, environ) == "from-env"
+
+
+def test_project_defaults_only_with_emulator() -> None:
+    assert resolve_project(None, {"FIRESTORE_EMULATOR_HOST": "127.0.0.1:1"}) == EMULATOR_PROJECT
+    with pytest.raises(ConfigError) as caught:
+        resolve_project(None, {})
+    assert "store.project" in str(caught.value)
+
+
+def test_registry_builds_firestore_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FIRESTORE_EMULATOR_HOST", raising=False)
+    config = Config(
+        store=StoreConfig(
+            kind="firestore", project="team-deploys", namespace="staging", timeout=3.0
+        )
+    )
+
+    store = create_store(config)
+
+    assert isinstance(store, FirestoreStore)
+    assert store.project == "team-deploys"
+    assert store.database == "(default)"
+    assert store.namespace == "staging"
+    assert store.timeout == 3.0
+
+
+def test_version_is_same_for_every_timestamp_class() -> None:
+    # Regression: rfc3339() of the two DatetimeWithNanoseconds classes formats
+    # 48.136270 as "48.13627" or "48.136270", so a lease read back after its
+    # grant could carry another version string than the grant returned.
+    from_snapshot = ProtoDatetime.from_rfc3339("2026-12-04T20:55:48.13627Z")
+    from_field = DatetimeWithNanoseconds(2026, 12, 4, 20, 55, 48, 136270, tzinfo=UTC)  # type: ignore[no-untyped-call]
+    plain = datetime(2026, 12, 4, 20, 55, 48, 136270, tzinfo=UTC)
+
+    versions = {version_of(value) for value in (from_snapshot, from_field, plain)}
+
+    assert versions == {"2026-12-04T20:55:48.136270000Z"}
+
+
+async def test_call_before_open_is_unavailable() -> None:
+    store = FirestoreStore("team-deploys")
+
+    with pytest.raises(StoreUnavailable) as caught:
+        await store.inspect("api")
+
+    assert "not open" in str(caught.value)
+    assert "team-deploys" in str(caught.value)
+
+
+# --- document layout ---
+
+
+async def test_documents_use_documented_paths(
+    open_store: OpenStore, firestore_namespace: FirestoreNamespace, raw_client: AsyncClient
+) -> None:
+    store = await open_store()
+    lease = await expect_grant(store, ANA, lock="prod:api")
+    await store.enqueue("prod:api", "ben@build-7.example:1", owner_of(BEN), Purpose(), TTL)
+    root = f"deployd/{firestore_namespace.namespace}"
+
+    lock = await raw_client.document(f"{root}/locks/prod:api").get()
+    queue = await raw_client.document(f"{root}/queues/prod:api").get()
+    record = await raw_client.document(f"{root}/deployments/prod:api@1").get()
+
+    assert lock.exists
+    assert lock.get("name") == "prod:api"
+    assert lock.get("holder") == ANA
+    assert lock.get("acquisition_id") == lease.acquisition_id
+    assert lock.get("token") == 1
+    assert lock.get("ttl") == TTL
+    assert lock.update_time == _parse_version(lease.version)
+    assert queue.exists
+    waiters = queue.get("waiters")
+    assert list(waiters) == ["ben@build-7.example:1"]
+    assert waiters["ben@build-7.example:1"]["waiter_id"] == "ben@build-7.example:1"
+    assert record.exists
+    assert record.get("session_id") == ANA
+    assert record.get("lock") == "prod:api"
+    assert record.get("token") == 1
+
+
+async def test_invalid_lock_name_is_stored_encoded(
+    open_store: OpenStore, firestore_namespace: FirestoreNamespace, raw_client: AsyncClient
+) -> None:
+    store = await open_store()
+    await expect_grant(store, ANA, lock="a/b c")
+    root = f"deployd/{firestore_namespace.namespace}"
+
+    encoded = await raw_client.document(f"{root}/locks/~YS9iIGM").get()
+    listed = [state.lock for state in await store.list_locks()]
+
+    assert encoded.exists
+    assert encoded.get("name") == "a/b c"
+    assert listed == ["a/b c"]
+
+
+async def test_renewal_moves_update_time(
+    open_store: OpenStore, firestore_namespace: FirestoreNamespace, raw_client: AsyncClient
+) -> None:
+    store = await open_store()
+    lease = await expect_grant(store, ANA)
+    reference = raw_client.document(f"deployd/{firestore_namespace.namespace}/locks/api")
+    before = await reference.get()
+
+    renewed = await store.renew(lease)
+    after = await reference.get()
+
+    assert after.update_time > before.update_time
+    assert after.update_time == _parse_version(renewed.version)
+    assert after.get("renewal_id") != before.get("renewal_id")
+
+
+# --- RPC cost ---
+
+
+async def test_uncontended_acquire_costs_two_rpcs(open_store: OpenStore, proxy: TcpProxy) -> None:
+    store = await open_store(emulator_host=proxy.address)
+
+    result, cost = await _measure(store, proxy, store.try_acquire(make_request(ANA)))
+
+    assert isinstance(result, Acquired)
+    assert cost == (2, 2)
+
+
+async def test_rpc_cost_of_each_operation(open_store: OpenStore, proxy: TcpProxy) -> None:
+    store = await open_store(emulator_host=proxy.address)
+    costs: dict[str, tuple[int, int]] = {}
+    lease = await expect_grant(store, ANA)
+
+    _, costs["try_acquire when busy"] = await _measure(
+        store, proxy, store.try_acquire(make_request(BEN))
+    )
+    renewed, costs["renew"] = await _measure(store, proxy, store.renew(lease))
+    # The lease from before the renewal no longer matches the version this store wrote.
+    renewed, costs["renew of an older lease"] = await _measure(store, proxy, store.renew(lease))
+    _, costs["inspect"] = await _measure(store, proxy, store.inspect("api"))
+    _, costs["list_locks"] = await _measure(store, proxy, store.list_locks())
+    _, costs["history"] = await _measure(store, proxy, store.history("api"))
+    _, costs["enqueue"] = await _measure(
+        store, proxy, store.enqueue("api", "ben-wait", owner_of(BEN), Purpose(), TTL)
+    )
+    _, costs["dequeue"] = await _measure(store, proxy, store.dequeue("api", "ben-wait"))
+    _, costs["release"] = await _measure(
+        store, proxy, store.release(renewed, Outcome.from_exit_code(0))
+    )
+    await expect_grant(store, CARA)
+    _, costs["force_unlock"] = await _measure(
+        store, proxy, store.force_unlock("api", owner_of(BEN), "stuck")
+    )
+    _, costs["record_deployment"] = await _measure(
+        store, proxy, store.record_deployment(_unlocked_record(DAVE))
+    )
+
+    # Each value: (RPCs counted by the store, requests seen by the proxy).
+    assert costs == {
+        "try_acquire when busy": (1, 1),
+        "renew": (1, 1),
+        "renew of an older lease": (2, 2),
+        "inspect": (1, 1),
+        "list_locks": (2, 2),
+        "history": (1, 1),
+        "enqueue": (2, 2),
+        "dequeue": (1, 1),
+        "release": (1, 1),
+        "force_unlock": (2, 2),
+        "record_deployment": (2, 2),
+    }
+
+
+# --- expiry by real server time ---
+
+
+async def test_short_lease_expires_by_server_time(open_store: OpenStore) -> None:
+    store = await open_store()
+    other = await open_store()
+    await expect_grant(store, ANA, ttl=SHORT_TTL)
+    await expect_busy(other, BEN)
+
+    await anyio.sleep(SHORT_TTL + EXPIRY_MARGIN)
+    state = await other.inspect("api")
+    result = await other.try_acquire(make_request(BEN))
+
+    assert state.lease is not None
+    assert state.lease.expired
+    assert isinstance(result, Acquired)
+    assert result.takeover is Takeover.EXPIRED
+    assert result.lease.token == 2
+
+
+async def test_renewals_keep_short_lease(open_store: OpenStore) -> None:
+    store = await open_store()
+    other = await open_store()
+    lease = await expect_grant(store, ANA, ttl=SHORT_TTL)
+
+    for _ in range(8):
+        await anyio.sleep(SHORT_TTL / 4)
+        lease = await store.renew(lease)
+        busy = await expect_busy(other, BEN)
+        assert busy.state.held
+
+    await anyio.sleep(SHORT_TTL + EXPIRY_MARGIN)
+    ben_lease = await expect_grant(other, BEN)
+    assert ben_lease.token == 2
+
+
+async def test_lease_expiry_uses_holders_ttl(open_store: OpenStore) -> None:
+    store = await open_store()
+    await expect_grant(store, ANA, lock="long", ttl=SHORT_TTL * 4)
+    await expect_grant(store, ANA, lock="short", ttl=SHORT_TTL)
+
+    await anyio.sleep(SHORT_TTL + EXPIRY_MARGIN)
+    long_result = await store.try_acquire(make_request(BEN, lock="long", ttl=SHORT_TTL / 2))
+    short_result = await store.try_acquire(make_request(BEN, lock="short", ttl=SHORT_TTL * 30))
+
+    assert not isinstance(long_result, Acquired)
+    assert isinstance(short_result, Acquired)
+    assert short_result.takeover is Takeover.EXPIRED
+
+
+async def test_short_waiter_entry_expires(open_store: OpenStore) -> None:
+    store = await open_store()
+    await store.enqueue("api", "ben-wait", owner_of(BEN), Purpose(), SHORT_TTL)
+    await store.enqueue("api", "cara-wait", owner_of(CARA), Purpose(), TTL)
+
+    before = await store.inspect("api")
+    await anyio.sleep(SHORT_TTL + EXPIRY_MARGIN)
+    after = await store.inspect("api")
+
+    assert [waiter.waiter_id for waiter in before.waiters] == ["ben-wait", "cara-wait"]
+    assert [waiter.waiter_id for waiter in after.waiters] == ["cara-wait"]
+
+
+# --- clock skew ---
+
+
+async def test_skewed_workstations_agree_on_holder(open_store: OpenStore) -> None:
+    ahead = await open_store(wall=lambda: time.time() + 600)
+    behind = await open_store(wall=lambda: time.time() - 600)
+
+    lease = await expect_grant(ahead, ANA)
+    seen_behind = await behind.inspect("api")
+    busy = await expect_busy(behind, BEN)
+    renewed = await ahead.renew(lease)
+    await ahead.release(renewed, Outcome.from_exit_code(0))
+    ben = await expect_grant(behind, BEN)
+    seen_ahead = await ahead.inspect("api")
+
+    assert seen_behind.lease is not None
+    assert seen_behind.lease.holder == ANA
+    assert 0 < seen_behind.lease.expires_in <= TTL
+    assert abs(seen_behind.lease.acquired_at - lease.acquired_at) < 0.001
+    assert busy.state.held
+    assert ben.token == 2
+    assert seen_ahead.lease is not None
+    assert seen_ahead.lease.holder == BEN
+    assert 0 < seen_ahead.lease.expires_in <= TTL
+
+
+async def test_server_time_shows_clock_offset(open_store: OpenStore) -> None:
+    ahead = await open_store(wall=lambda: time.time() + 600)
+    assert ahead.server_time() is None
+
+    await ahead.inspect("api")
+    sample = ahead.server_time()
+
+    assert sample is not None
+    assert abs(sample.offset + 600) < 5
+
+
+# --- writes whose replies are lost ---
+
+
+async def test_grant_with_lost_reply_is_granted(
+    open_store: OpenStore, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="deployd.store.firestore")
+    store = await open_store(emulator_host=proxy.address, timeout=TIMEOUT * 5)
+    observer = await open_store()
+    request = make_request(ANA)
+    proxy.lose_reply(2)  # the read of the lock, then the commit
+
+    result = await store.try_acquire(request)
+
+    state = await observer.inspect("api")
+    assert proxy.lost_replies == 1
+    assert isinstance(result, Acquired)
+    assert result.lease.token == 1
+    assert result.lease.acquisition_id == request.acquisition_id
+    assert state.lease is not None
+    assert state.lease.acquisition_id == request.acquisition_id
+    assert state.token == 1
+    assert len(await observer.history("api")) == 1
+    assert "had applied before the error" in caplog.text
+
+
+async def test_takeover_with_lost_reply_is_granted(
+    open_store: OpenStore, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="deployd.store.firestore")
+    store = await open_store(emulator_host=proxy.address, timeout=TIMEOUT * 5)
+    observer = await open_store()
+    first = await expect_grant(observer, ANA)
+    await observer.release(first, Outcome.from_exit_code(0))
+    proxy.lose_reply(2)
+
+    result = await store.try_acquire(make_request(BEN))
+
+    state = await observer.inspect("api")
+    assert proxy.lost_replies == 1
+    assert isinstance(result, Acquired)
+    assert result.lease.token == 2
+    assert state.token == 2
+    assert state.lease is not None
+    assert state.lease.holder == BEN
+    assert [record.token for record in await observer.history("api")] == [2, 1]
+    assert "had applied before the error" in caplog.text
+
+
+async def test_grant_retried_after_outage(open_store: OpenStore, proxy: TcpProxy) -> None:
+    store = await open_store(emulator_host=proxy.address, timeout=TIMEOUT)
+    observer = await open_store()
+    request = make_request(ANA)
+    proxy.lose_reply(2, then_blackhole=True)
+
+    with pytest.raises(StoreUnavailable):
+        await store.try_acquire(request)
+    proxy.blackhole(False)
+    retried = await _until_available(lambda: store.try_acquire(request))
+
+    assert isinstance(retried, Acquired)
+    assert retried.lease.token == 1
+    assert retried.lease.acquisition_id == request.acquisition_id
+    assert (await observer.inspect("api")).token == 1
+    assert len(await observer.history("api")) == 1
+
+
+async def test_renewal_with_lost_reply_is_renewed(
+    open_store: OpenStore, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="deployd.store.firestore")
+    store = await open_store(emulator_host=proxy.address, timeout=TIMEOUT * 5)
+    observer = await open_store()
+    lease = await expect_grant(store, ANA)
+    proxy.lose_reply(1)
+
+    renewed = await store.renew(lease)
+
+    state = await observer.inspect("api")
+    assert proxy.lost_replies == 1
+    assert renewed.version != lease.version
+    assert renewed.token == lease.token
+    assert state.lease is not None
+    assert state.lease.version == renewed.version
+    assert "renewal of lock api" in caplog.text
+    assert "had applied before the error" in caplog.text
+
+
+async def test_release_with_lost_reply_returns_true(
+    open_store: OpenStore, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="deployd.store.firestore")
+    store = await open_store(emulator_host=proxy.address, timeout=TIMEOUT * 5)
+    observer = await open_store()
+    lease = await expect_grant(store, ANA)
+    proxy.lose_reply(1)
+
+    released = await store.release(lease, Outcome.from_exit_code(0))
+
+    state = await observer.inspect("api")
+    [record] = await observer.history("api")
+    assert proxy.lost_replies == 1
+    assert released is True
+    assert state.lease is None
+    assert state.token == 1
+    assert record.outcome == "succeeded"
+    assert "release of lock api" in caplog.text
+    assert "had applied before the error" in caplog.text
+
+
+async def test_force_unlock_with_lost_reply_forces_once(
+    open_store: OpenStore, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="deployd.store.firestore")
+    store = await open_store(emulator_host=proxy.address, timeout=TIMEOUT * 5)
+    observer = await open_store()
+    lease = await expect_grant(observer, ANA)
+    proxy.lose_reply(2)  # the read of the lock, then the commit
+
+    before = await store.force_unlock("api", owner_of(BEN), "stuck")
+
+    after = await observer.inspect("api")
+    [record] = await observer.history("api")
+    assert proxy.lost_replies == 1
+    assert before.lease is not None
+    assert before.lease.holder == ANA
+    assert after.lease is None
+    assert after.token == lease.token + 1
+    assert after.forced is not None
+    assert after.forced.token == lease.token + 1
+    assert record.outcome == "forced"
+    assert "force-unlock of lock api" in caplog.text
+    assert "had applied before the error" in caplog.text
+
+
+async def test_record_with_lost_reply_is_written_once(
+    open_store: OpenStore, proxy: TcpProxy
+) -> None:
+    store = await open_store(emulator_host=proxy.address, timeout=TIMEOUT * 5)
+    observer = await open_store()
+    record = _unlocked_record(ANA)
+    proxy.lose_reply(2)  # the query for an earlier record, then the create
+
+    await store.record_deployment(record)
+    await store.record_deployment(record)
+
+    [stored] = await observer.history("api")
+    assert proxy.lost_replies == 1
+    assert stored.session_id == ANA
+    assert stored.started_at == record.started_at
+    assert stored.finished_at == record.finished_at
+
+
+# --- deadlines ---
+
+
+async def test_blackholed_store_fails_each_call_within_deadline(
+    open_store: OpenStore, proxy: TcpProxy
+) -> None:
+    store = await open_store(emulator_host=proxy.address, timeout=TIMEOUT)
+    lease = await expect_grant(store, ANA)
+    await store.enqueue("api", "ben-wait", owner_of(BEN), Purpose(), TTL)
+    calls: dict[str, Callable[[], Awaitable[Any]]] = {
+        "try_acquire": lambda: store.try_acquire(make_request(BEN, lock="web")),
+        "renew": lambda: store.renew(lease),
+        "release": lambda: store.release(lease, Outcome.from_exit_code(0)),
+        "inspect": lambda: store.inspect("api"),
+        "list_locks": lambda: store.list_locks(),
+        "history": lambda: store.history("api"),
+        "enqueue": lambda: store.enqueue("api", "ben-wait", owner_of(BEN), Purpose(), TTL),
+        "dequeue": lambda: store.dequeue("api", "ben-wait"),
+        "force_unlock": lambda: store.force_unlock("api", owner_of(BEN), "stuck"),
+        "record_deployment": lambda: store.record_deployment(_unlocked_record(CARA)),
+    }
+    proxy.blackhole()
+
+    outcomes: dict[str, str] = {}
+    for name, call in calls.items():
+        started = time.monotonic()
+        try:
+            await call()
+        except StoreUnavailable as exc:
+            outcome = "unavailable" if "no reply within" in str(exc) else f"other message: {exc}"
+        else:
+            outcome = "returned"
+        elapsed = time.monotonic() - started
+        outcomes[name] = outcome if elapsed < 3 * TIMEOUT else f"took {elapsed:.1f}s"
+
+    assert outcomes == dict.fromkeys(calls, "unavailable")
+    proxy.blackhole(False)
+    state = await _until_available(lambda: store.inspect("api"), within=10)
+    assert state.lease is not None
+    assert state.lease.holder == ANA
+
+
+async def test_slow_replies_within_deadline_succeed(open_store: OpenStore, proxy: TcpProxy) -> None:
+    store = await open_store(emulator_host=proxy.address, timeout=TIMEOUT * 3)
+    proxy.delay_replies(0.2)
+
+    lease = await expect_grant(store, ANA)
+    renewed = await store.renew(lease)
+    released = await store.release(renewed, Outcome.from_exit_code(0))
+
+    assert released is True
+
+
+async def test_reply_later_than_deadline_is_unavailable(
+    open_store: OpenStore, proxy: TcpProxy
+) -> None:
+    store = await open_store(emulator_host=proxy.address, timeout=TIMEOUT)
+    proxy.delay_replies(TIMEOUT * 1.5)
+
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        await store.inspect("api")
+
+    assert time.monotonic() - started < 3 * TIMEOUT
+
+
+# --- emulator stopped and restarted ---
+
+
+async def test_store_works_again_after_emulator_restart(open_store: OpenStore) -> None:
+    emulator = FirestoreEmulator()
+    await anyio.to_thread.run_sync(emulator.start)
+    try:
+        store = await open_store(emulator_host=emulator.host, timeout=TIMEOUT)
+        lease = await expect_grant(store, ANA)
+        await anyio.to_thread.run_sync(emulator.stop)
+
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable) as caught:
+            await store.renew(lease)
+        failed_after = time.monotonic() - started
+        await anyio.to_thread.run_sync(emulator.start)
+        state = await _until_available(lambda: store.inspect("api"))
+
+        # The restarted emulator starts with no documents.
+        assert failed_after < 3 * TIMEOUT
+        assert emulator.host in str(caught.value)
+        assert state.lease is None
+        with pytest.raises(LeaseLost):
+            await store.renew(lease)
+        again = await expect_grant(store, BEN)
+        assert again.token == 1
+    finally:
+        await anyio.to_thread.run_sync(emulator.stop)
+        emulator.remove_logs()
