@@ -8,6 +8,7 @@ effective value remembers where it came from, for ``deployd config show``.
 from __future__ import annotations
 
 import os
+import time
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -142,6 +143,17 @@ class Config:
     clock_offset: float = 0.0
     file: str | None = None
     sources: Mapping[str, str] = field(default_factory=dict)
+
+    def wall_clock(self) -> Callable[[], float]:
+        """Return this daemon's wall clock: the system's, moved by ``clock_offset``.
+
+        ``clock_offset`` exists to test that a workstation whose clock is wrong
+        still judges leases correctly; the wall clock only labels times.
+        """
+        offset = self.clock_offset
+        if not offset:
+            return time.time
+        return lambda: time.time() + offset
 
 
 # --- value parsers: each returns the parsed value or raises ValueError with the rule ---

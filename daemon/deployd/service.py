@@ -168,6 +168,7 @@ class LeaseService:
             poll_interval=config.store.effective_poll_interval(),
             new_acquisition_id=new_acquisition_id,
             on_store_error=config.on_store_error,
+            wall=config.wall_clock(),
         )
         self.unlocked = UnlockedDeploys(store, self._overlap_found)
         self.events = EventBus()

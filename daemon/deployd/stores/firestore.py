@@ -208,6 +208,7 @@ class FirestoreStore(LeaseStore):
             database=settings.database,
             namespace=settings.namespace,
             timeout=settings.timeout,
+            wall=config.wall_clock(),
         )
 
     def server_time(self) -> ServerTimeSample | None:

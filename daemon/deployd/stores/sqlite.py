@@ -192,7 +192,9 @@ class SQLiteStore(LeaseStore):
     def from_config(cls, config: Config) -> SQLiteStore:
         """Build the store that ``config.store`` describes."""
         return cls(
-            config.store.sqlite_path(config.state_dir), busy_timeout=config.store.busy_timeout
+            config.store.sqlite_path(config.state_dir),
+            busy_timeout=config.store.busy_timeout,
+            wall=config.wall_clock(),
         )
 
     # --- lifecycle ---
