@@ -27,7 +27,16 @@ from conftest_store import (
 from firestore_emulator import FirestoreNamespace, ManualServerClock
 
 from deployd.errors import LeaseLost
-from deployd.models import Acquired, Deployment, Outcome, OutcomeStatus, Purpose, Takeover
+from deployd.models import (
+    ALL_LOCKS,
+    Acquired,
+    Busy,
+    Deployment,
+    Outcome,
+    OutcomeStatus,
+    Purpose,
+    Takeover,
+)
 from deployd.stores.base import LeaseStore
 from deployd.stores.sqlite import SQLiteStore
 
@@ -935,3 +944,112 @@ async def test_grant_after_unlocked_run_marks_record(store: LeaseStore) -> None:
     assert record.degraded is True
     assert record.started_at == 1_770_000_000.0
     assert record.token == 1
+
+
+# --- freezes ---
+
+
+async def test_freeze_blocks_grant(store: LeaseStore) -> None:
+    await store.freeze("api", "release window closed", owner_of(BEN), None)
+
+    result = await store.try_acquire(make_request(ANA))
+
+    assert isinstance(result, Busy)
+    assert result.state.frozen is not None
+    assert result.state.frozen.scope == "api"
+    assert result.state.frozen.reason == "release window closed"
+    assert result.state.frozen.by == "ben@build-7"
+
+
+async def test_freeze_of_all_locks_blocks_every_lock(store: LeaseStore) -> None:
+    await store.freeze(ALL_LOCKS, "company-wide freeze", owner_of(BEN), None)
+
+    for lock in ("api", "web"):
+        result = await store.try_acquire(make_request(ANA, lock=lock))
+        assert isinstance(result, Busy), lock
+        assert result.state.frozen is not None
+        assert result.state.frozen.scope == ALL_LOCKS
+
+
+async def test_freeze_of_other_lock_does_not_block(store: LeaseStore) -> None:
+    await store.freeze("web", "web only", owner_of(BEN), None)
+
+    lease = await expect_grant(store, ANA, "api")
+
+    assert lease.lock == "api"
+
+
+async def test_force_passes_freeze_and_says_so(store: LeaseStore) -> None:
+    await store.freeze("api", "freeze", owner_of(BEN), None)
+
+    result = await store.try_acquire(make_request(ANA, force=True, force_reason="hotfix"))
+
+    assert isinstance(result, Acquired)
+    [record] = await store.history("api")
+    assert record.detail is not None
+    assert "freeze" in record.detail
+    assert "hotfix" in record.detail
+
+
+async def test_unfreeze_lifts_freeze(store: LeaseStore) -> None:
+    await store.freeze("api", "freeze", owner_of(BEN), None)
+
+    lifted = await store.unfreeze("api")
+
+    assert lifted is not None
+    assert lifted.reason == "freeze"
+    await expect_grant(store, ANA)
+    assert await store.unfreeze("api") is None
+
+
+async def test_freeze_ends_at_until(store: LeaseStore, clock: FakeClock) -> None:
+    await store.freeze("api", "until noon", owner_of(BEN), clock.wall_seconds + 60)
+    assert isinstance(await store.try_acquire(make_request(ANA)), Busy)
+
+    clock.advance(61)
+
+    await expect_grant(store, CARA)
+    assert await store.freezes() == []
+
+
+async def test_freezes_lists_global_first(store: LeaseStore) -> None:
+    await store.freeze("web", "web", owner_of(BEN), None)
+    await store.freeze(ALL_LOCKS, "all", owner_of(BEN), None)
+    await store.freeze("api", "api", owner_of(BEN), None)
+
+    freezes = await store.freezes()
+
+    assert [freeze.scope for freeze in freezes] == [ALL_LOCKS, "api", "web"]
+
+
+async def test_freeze_replaces_earlier_freeze(store: LeaseStore) -> None:
+    await store.freeze("api", "first", owner_of(BEN), None)
+    await store.freeze("api", "second", owner_of(CARA), None)
+
+    [freeze] = await store.freezes()
+
+    assert freeze.reason == "second"
+    assert freeze.by.startswith("cara@")
+
+
+async def test_freeze_keeps_held_lease_renewable(store: LeaseStore) -> None:
+    lease = await expect_grant(store, ANA)
+    await store.freeze("api", "freeze", owner_of(BEN), None)
+
+    renewed = await store.renew(lease)
+
+    assert renewed.holder == ANA
+    state = await store.inspect("api")
+    assert state.frozen is not None
+    assert state.lease is not None
+
+
+async def test_list_locks_shows_freeze(store: LeaseStore) -> None:
+    await expect_grant(store, ANA, "api")
+    await expect_grant(store, ANA, "web")
+    await store.freeze("web", "freeze", owner_of(BEN), None)
+
+    states = {state.lock: state for state in await store.list_locks()}
+
+    assert states["api"].frozen is None
+    assert states["web"].frozen is not None

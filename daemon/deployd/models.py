@@ -127,13 +127,51 @@ class ForceRecord:
     token: int
 
 
+ALL_LOCKS = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class Freeze:
+    """A freeze: no new grants of a lock (or of every lock) until it is lifted or ends.
+
+    ``scope`` is a lock name or ALL_LOCKS. ``at`` and ``until`` are seconds
+    since the epoch; ``until`` None means until someone unfreezes.
+    """
+
+    scope: str
+    reason: str
+    by: str
+    at: float
+    until: float | None = None
+
+    def covers(self, lock: str) -> bool:
+        """Return whether the freeze applies to ``lock``."""
+        return self.scope in (ALL_LOCKS, lock)
+
+    def active(self, now: float) -> bool:
+        """Return whether the freeze is still in force at ``now``."""
+        return self.until is None or now < self.until
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the freeze as a JSON-ready dict for the protocol."""
+        return asdict(self)
+
+
+def applicable_freeze(freezes: list[Freeze], lock: str, now: float) -> Freeze | None:
+    """Return the active freeze that applies to ``lock``, the lock's own before a global one."""
+    active = [freeze for freeze in freezes if freeze.covers(lock) and freeze.active(now)]
+    active.sort(key=lambda freeze: freeze.scope == ALL_LOCKS)
+    return active[0] if active else None
+
+
 @dataclass(frozen=True, slots=True)
 class LockState:
     """One lock as the store sees it: the last token, the lease if any, live waiters in order.
 
     ``lease`` is None when the lock is free; an expired lease that nobody has
     taken over is still shown, with ``expires_in <= 0``. ``forced`` describes
-    the last time the lock was forced away from a holder, if ever.
+    the last time the lock was forced away from a holder, if ever. ``frozen``
+    is the freeze in force for the lock, if any.
     """
 
     lock: str
@@ -141,6 +179,7 @@ class LockState:
     lease: Lease | None
     waiters: tuple[Waiter, ...] = ()
     forced: ForceRecord | None = None
+    frozen: Freeze | None = None
 
     @property
     def held(self) -> bool:
@@ -156,6 +195,7 @@ class LockState:
             "lease": self.lease.to_json() if self.lease else None,
             "waiters": [waiter.to_json() for waiter in self.waiters],
             "forced": asdict(self.forced) if self.forced else None,
+            "frozen": self.frozen.to_json() if self.frozen else None,
         }
 
 

@@ -14,6 +14,7 @@ from deployd.models import (
     Acquired,
     Busy,
     Deployment,
+    Freeze,
     Lease,
     LeaseRequest,
     LockState,
@@ -64,7 +65,9 @@ class LeaseStore(ABC):
         Queued callers are served first come, first served: when live waiter
         entries exist, only the first of them may take the free lock, so a
         request whose ``waiter_id`` is not first, or that has none, gets Busy
-        with ``queued_ahead`` set. ``force`` skips both the holder and the queue.
+        with ``queued_ahead`` set. A freeze in force for the lock gives Busy
+        with ``state.frozen`` set. ``force`` skips the holder, the queue and a
+        freeze; a grant that passed a freeze says so in its record's detail.
 
         Returns Busy with the lock's current state when the lock is held by a
         live lease of another holder. A request whose holder already holds the
@@ -102,6 +105,22 @@ class LeaseStore(ABC):
         deployment record is completed as ``forced``. A free lock is left as
         it is and its state returned.
         """
+
+    @abstractmethod
+    async def freeze(self, scope: str, reason: str, by: Owner, until: float | None) -> Freeze:
+        """Stop new grants of lock ``scope`` (ALL_LOCKS: every lock) until unfrozen or ``until``.
+
+        Replaces an earlier freeze of the same scope. ``until`` is seconds since
+        the epoch, judged by the store's clock. Held leases are not affected.
+        """
+
+    @abstractmethod
+    async def unfreeze(self, scope: str) -> Freeze | None:
+        """Lift the freeze of ``scope``; return it, or None when there was none."""
+
+    @abstractmethod
+    async def freezes(self) -> list[Freeze]:
+        """Return the freezes in force, the global one first, then by lock name."""
 
     @abstractmethod
     async def record_deployment(self, deployment: Deployment) -> None:

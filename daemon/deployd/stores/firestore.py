@@ -48,9 +48,11 @@ from google.cloud.firestore import DELETE_FIELD, AsyncClient, FieldFilter, Incre
 
 from deployd.errors import ConfigError, LeaseLost, StoreUnavailable
 from deployd.models import (
+    ALL_LOCKS,
     Acquired,
     Busy,
     Deployment,
+    Freeze,
     Lease,
     LeaseRequest,
     LockState,
@@ -60,6 +62,7 @@ from deployd.models import (
     Purpose,
     Takeover,
     Waiter,
+    applicable_freeze,
 )
 from deployd.stores.base import LeaseStore
 from deployd.stores.firestore_documents import (
@@ -71,12 +74,14 @@ from deployd.stores.firestore_documents import (
     document_id,
     finished_record_fields,
     forced_fields,
+    freeze_fields,
     heartbeat_fields,
     lease_fields,
     lock_name_of,
     map_key,
     new_record_fields,
     parse_deployment,
+    parse_freeze,
     parse_lock,
     parse_queue,
     recorded_deployment_fields,
@@ -89,7 +94,7 @@ from deployd.stores.firestore_documents import (
     waiter_path,
     written_timestamp,
 )
-from deployd.stores.sqlite import decide_grant
+from deployd.stores.sqlite import decide_grant, freeze_passed_detail
 
 if TYPE_CHECKING:
     from google.cloud.firestore_v1.async_collection import AsyncCollectionReference
@@ -329,7 +334,7 @@ class FirestoreStore(LeaseStore):
             )
         batch.create(
             self._deployment_reference(request.lock, token),
-            new_record_fields(request, token, takeover),
+            new_record_fields(request, token, takeover, freeze_passed_detail(read.frozen, request)),
         )
 
         with self._rpc(deadline) as options:
@@ -562,6 +567,50 @@ class FirestoreStore(LeaseStore):
 
     # --- reads ---
 
+    async def freeze(self, scope: str, reason: str, by: Owner, until: float | None) -> Freeze:
+        freeze = Freeze(scope, reason, f"{by.user}@{by.host}", self._wall(), until)
+        deadline = self._deadline()
+        try:
+            with self._rpc(deadline) as options:
+                result = await self._freeze_reference(scope).set(freeze_fields(freeze), **options)
+        except _RpcFailed as failure:
+            # A set is idempotent, so an ambiguous failure needs no re-read.
+            raise self._unavailable(failure, "freeze", scope) from failure.error
+        self._note_server_time(result.update_time)
+        logger.info("froze %s for %s until %s: %s", scope, freeze.by, until, reason)
+        return dataclasses.replace(freeze, at=self._clock.seconds(result.update_time))
+
+    async def unfreeze(self, scope: str) -> Freeze | None:
+        deadline = self._deadline()
+        reference = self._freeze_reference(scope)
+        snapshots = await self._get_documents([reference], deadline, "unfreeze", scope)
+        existing = parse_freeze(snapshots.get(reference.path), self._clock)
+        if existing is None:
+            return None
+        try:
+            with self._rpc(deadline) as options:
+                await reference.delete(**options)
+        except _RpcFailed as failure:
+            raise self._unavailable(failure, "unfreeze", scope) from failure.error
+        logger.info("unfroze %s", scope)
+        return existing
+
+    async def freezes(self) -> list[Freeze]:
+        snapshots = await self._query(self._collection("freezes"), self._deadline(), "freezes")
+        now = self._server_now(snapshots)
+        active = [
+            freeze
+            for snapshot in snapshots
+            if (freeze := parse_freeze(snapshot, self._clock)) is not None and freeze.active(now)
+        ]
+        return sorted(active, key=lambda freeze: (freeze.scope != ALL_LOCKS, freeze.scope))
+
+    def _server_now(self, snapshots: Sequence[DocumentSnapshot[Any]]) -> float:
+        """Return the server time of a read, or this workstation's when it returned nothing."""
+        if snapshots:
+            return self._clock.seconds(max(snapshot.read_time for snapshot in snapshots))
+        return self._wall()
+
     async def inspect(self, lock: str) -> LockState:
         return (await self._read_lock(lock, self._deadline(), "inspect")).state
 
@@ -569,6 +618,13 @@ class FirestoreStore(LeaseStore):
         deadline = self._deadline()
         lock_snapshots = await self._query(self._collection("locks"), deadline, "list_locks")
         queue_snapshots = await self._query(self._collection("queues"), deadline, "list_locks")
+        freeze_snapshots = await self._query(self._collection("freezes"), deadline, "list_locks")
+        now = self._server_now([*lock_snapshots, *freeze_snapshots])
+        freezes = [
+            freeze
+            for snapshot in freeze_snapshots
+            if (freeze := parse_freeze(snapshot, self._clock)) is not None
+        ]
 
         locks = {lock_name_of(snapshot): snapshot for snapshot in lock_snapshots}
         queues = {lock_name_of(snapshot): snapshot for snapshot in queue_snapshots}
@@ -577,6 +633,7 @@ class FirestoreStore(LeaseStore):
             read = LockRead(
                 parse_lock(name, locks.get(name), self._clock),
                 parse_queue(name, queues.get(name), self._clock),
+                applicable_freeze(freezes, name, now),
             )
             states.append(read.state)
         return states
@@ -693,14 +750,25 @@ class FirestoreStore(LeaseStore):
         """
         lock_reference = self._lock_reference(lock)
         queue_reference = self._queue_reference(lock)
+        freeze_references = [self._freeze_reference(lock), self._freeze_reference(ALL_LOCKS)]
         snapshots = await self._get_documents(
-            [lock_reference, queue_reference, *references], deadline, operation, lock
+            [lock_reference, queue_reference, *freeze_references, *references],
+            deadline,
+            operation,
+            lock,
         )
 
-        lock_document = parse_lock(lock, snapshots[lock_reference.path], self._clock)
+        lock_snapshot = snapshots[lock_reference.path]
+        lock_document = parse_lock(lock, lock_snapshot, self._clock)
         queue_document = parse_queue(lock, snapshots[queue_reference.path], self._clock)
+        freezes = [
+            freeze
+            for reference in freeze_references
+            if (freeze := parse_freeze(snapshots.get(reference.path), self._clock)) is not None
+        ]
+        frozen = applicable_freeze(freezes, lock, self._clock.seconds(lock_snapshot.read_time))
         self._remember_lease_of(lock, lock_document.lease)
-        return LockRead(lock_document, queue_document), snapshots
+        return LockRead(lock_document, queue_document, frozen), snapshots
 
     async def _read_after_failure(
         self,
@@ -898,6 +966,9 @@ class FirestoreStore(LeaseStore):
 
     def _queue_reference(self, lock: str) -> AsyncDocumentReference:
         return self._collection("queues").document(document_id(lock))
+
+    def _freeze_reference(self, scope: str) -> AsyncDocumentReference:
+        return self._collection("freezes").document(document_id(scope))
 
     def _deployment_reference(self, lock: str, token: int) -> AsyncDocumentReference:
         return self._collection("deployments").document(deployment_id(lock, token))

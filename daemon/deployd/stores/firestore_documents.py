@@ -42,6 +42,7 @@ from deployd.errors import StoreUnavailable
 from deployd.models import (
     Deployment,
     ForceRecord,
+    Freeze,
     Lease,
     LeaseRequest,
     LockState,
@@ -138,17 +139,51 @@ class QueueDocument:
 
 @dataclass(frozen=True, slots=True)
 class LockRead:
-    """The lock and queue documents of one lock, read in one call."""
+    """The lock and queue documents of one lock, read in one call, and its freeze if any."""
 
     lock: LockDocument
     queue: QueueDocument
+    frozen: Freeze | None = None
 
     @property
     def state(self) -> LockState:
         """Return the lock's state with its live waiters in queue order."""
         waiters = tuple(entry.waiter for entry in self.queue.entries if entry.live)
         lock = self.lock
-        return LockState(lock.lock, lock.token, lock.lease, waiters, lock.forced)
+        return LockState(lock.lock, lock.token, lock.lease, waiters, lock.forced, self.frozen)
+
+
+def freeze_fields(freeze: Freeze) -> dict[str, Any]:
+    """Return the fields of a freeze document; ``at`` is set by the server."""
+    return {
+        "scope": freeze.scope,
+        "reason": freeze.reason,
+        "by": freeze.by,
+        "at": SERVER_TIMESTAMP,
+        "until": freeze.until,
+    }
+
+
+def parse_freeze(snapshot: DocumentSnapshot[Any] | None, clock: ServerClock) -> Freeze | None:
+    """Return the freeze in ``snapshot``, or None when the document does not exist."""
+    if snapshot is None or not snapshot.exists:
+        return None
+    data = snapshot.to_dict() or {}
+    try:
+        at = data.get("at")
+        until = data.get("until")
+        return Freeze(
+            scope=str(data["scope"]),
+            reason=str(data["reason"]),
+            by=str(data["by"]),
+            at=clock.seconds(at) if isinstance(at, datetime) else 0.0,
+            until=float(until) if until is not None else None,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreUnavailable(
+            f"freeze document {snapshot.reference.path} is malformed ({exc}); "
+            "lift it with 'deployd unfreeze' or delete the document"
+        ) from exc
 
 
 def parse_lock(
@@ -349,7 +384,9 @@ def released_fields() -> dict[str, Any]:
     return {**dict.fromkeys(lease_only), "renewal_id": None, "released": SERVER_TIMESTAMP}
 
 
-def new_record_fields(request: LeaseRequest, token: int, takeover: Takeover) -> dict[str, Any]:
+def new_record_fields(
+    request: LeaseRequest, token: int, takeover: Takeover, detail: str | None = None
+) -> dict[str, Any]:
     """Return the fields of the deployment record that a grant creates.
 
     A deploy that ran without the lock since ``request.unlocked_since`` gets a
@@ -376,7 +413,7 @@ def new_record_fields(request: LeaseRequest, token: int, takeover: Takeover) -> 
         "outcome": None,
         "exit_code": None,
         "revision": None,
-        "detail": None,
+        "detail": detail,
     }
 
 

@@ -14,6 +14,7 @@ goes backwards across release, expiry and daemon restarts.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -29,10 +30,12 @@ import anyio.to_thread
 from deployd.clock import ClockReading, MachineClock
 from deployd.errors import LeaseLost, StoreBusy, StoreUnavailable
 from deployd.models import (
+    ALL_LOCKS,
     Acquired,
     Busy,
     Deployment,
     ForceRecord,
+    Freeze,
     Lease,
     LeaseRequest,
     LockState,
@@ -42,6 +45,7 @@ from deployd.models import (
     Purpose,
     Takeover,
     Waiter,
+    applicable_freeze,
 )
 from deployd.stores.base import LeaseStore
 
@@ -94,6 +98,15 @@ _SCHEMA = (
         force_reason TEXT,                   -- why,
         forced_at REAL,                      -- when,
         forced_token INTEGER                 -- and the token it handed out
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS freezes (
+        scope TEXT PRIMARY KEY,                -- a lock name, or * for every lock
+        reason TEXT NOT NULL,
+        frozen_by TEXT NOT NULL,
+        frozen_at REAL NOT NULL,
+        until REAL                             -- NULL: until unfrozen
     )
     """,
     """
@@ -298,6 +311,38 @@ class SQLiteStore(LeaseStore):
             lambda db: self._force_unlock_in(db, lock, by, reason), _WRITE, "force-unlock", lock
         )
 
+    async def freeze(self, scope: str, reason: str, by: Owner, until: float | None) -> Freeze:
+        freeze = Freeze(scope, reason, f"{by.user}@{by.host}", self._wall(), until)
+
+        def freeze_in(db: sqlite3.Connection) -> Freeze:
+            db.execute(
+                "INSERT OR REPLACE INTO freezes (scope, reason, frozen_by, frozen_at, until) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (freeze.scope, freeze.reason, freeze.by, freeze.at, freeze.until),
+            )
+            logger.info("froze %s for %s until %s: %s", scope, freeze.by, until, reason)
+            return freeze
+
+        return await self._run(freeze_in, _WRITE, "freeze", scope)
+
+    async def unfreeze(self, scope: str) -> Freeze | None:
+        def unfreeze_in(db: sqlite3.Connection) -> Freeze | None:
+            existing = [freeze for freeze in _read_freezes(db) if freeze.scope == scope]
+            db.execute("DELETE FROM freezes WHERE scope = ?", (scope,))
+            if existing:
+                logger.info("unfroze %s", scope)
+            return existing[0] if existing else None
+
+        return await self._run(unfreeze_in, _WRITE, "unfreeze", scope)
+
+    async def freezes(self) -> list[Freeze]:
+        def freezes_in(db: sqlite3.Connection) -> list[Freeze]:
+            now = self._wall()
+            active = [freeze for freeze in _read_freezes(db) if freeze.active(now)]
+            return sorted(active, key=lambda freeze: (freeze.scope != ALL_LOCKS, freeze.scope))
+
+        return await self._run(freezes_in, _READ, "freezes")
+
     async def record_deployment(self, deployment: Deployment) -> None:
         await self._run(
             lambda db: _record_deployment_in(db, deployment),
@@ -308,11 +353,13 @@ class SQLiteStore(LeaseStore):
 
     async def inspect(self, lock: str) -> LockState:
         return await self._run(
-            lambda db: _read_state(db, lock, self._clock()), _READ, "inspect", lock
+            lambda db: _read_state(db, lock, self._clock(), self._wall()), _READ, "inspect", lock
         )
 
     async def list_locks(self) -> list[LockState]:
-        return await self._run(lambda db: _read_all_states(db, self._clock()), _READ, "list_locks")
+        return await self._run(
+            lambda db: _read_all_states(db, self._clock(), self._wall()), _READ, "list_locks"
+        )
 
     async def enqueue(
         self, lock: str, waiter_id: str, owner: Owner, purpose: Purpose, ttl: float
@@ -345,7 +392,7 @@ class SQLiteStore(LeaseStore):
         now = self._clock()
         db.execute("INSERT OR IGNORE INTO locks (name) VALUES (?)", (request.lock,))
         _delete_expired_waiters(db, request.lock, now)
-        state = _read_state(db, request.lock, now)
+        state = _read_state(db, request.lock, now, self._wall())
 
         current = state.lease
         if current is not None and current.holder == request.holder:
@@ -399,7 +446,14 @@ class SQLiteStore(LeaseStore):
                 "DELETE FROM waiters WHERE lock = ? AND waiter_id = ?",
                 (request.lock, request.waiter_id),
             )
-        _insert_deployment(db, lease, request.waited, takeover, request.unlocked_since)
+        _insert_deployment(
+            db,
+            lease,
+            request.waited,
+            takeover,
+            request.unlocked_since,
+            freeze_passed_detail(state.frozen, request),
+        )
 
         if previous is None:
             logger.debug("granted lock %s to %s (token %d)", lease.lock, lease.holder, lease.token)
@@ -424,7 +478,7 @@ class SQLiteStore(LeaseStore):
 
     def _renew_in(self, db: sqlite3.Connection, lease: Lease) -> Lease:
         now = self._clock()
-        state = _read_state(db, lease.lock, now)
+        state = _read_state(db, lease.lock, now, self._wall())
         current = state.lease
         if current is None or not _is_same_lease(current, lease):
             raise LeaseLost(lease.lock, _lost_message(lease, state), current=state)
@@ -458,7 +512,7 @@ class SQLiteStore(LeaseStore):
         return renewed
 
     def _release_in(self, db: sqlite3.Connection, lease: Lease, outcome: Outcome) -> bool:
-        state = _read_state(db, lease.lock, self._clock())
+        state = _read_state(db, lease.lock, self._clock(), self._wall())
         if state.lease is None or not _is_same_lease(state.lease, lease):
             logger.debug(
                 "release of lock %s by %s changed nothing: the lease is no longer held",
@@ -486,7 +540,7 @@ class SQLiteStore(LeaseStore):
     def _force_unlock_in(
         self, db: sqlite3.Connection, lock: str, by: Owner, reason: str
     ) -> LockState:
-        state = _read_state(db, lock, self._clock())
+        state = _read_state(db, lock, self._clock(), self._wall())
         previous = state.lease
         if previous is None:
             return state
@@ -656,8 +710,8 @@ class SQLiteStore(LeaseStore):
 def decide_grant(request: LeaseRequest, state: LockState) -> Takeover | Busy:
     """Decide whether ``request`` may take the lock in ``state``.
 
-    Returns how the grant replaces the current lease, or Busy when a live lease
-    of another holder or a waiter queued ahead blocks the grant.
+    Returns how the grant replaces the current lease, or Busy when a freeze, a
+    live lease of another holder or a waiter queued ahead blocks the grant.
     """
     lease = state.lease
     if request.force:
@@ -666,11 +720,23 @@ def decide_grant(request: LeaseRequest, state: LockState) -> Takeover | Busy:
         return Takeover.EXPIRED if lease.expired else Takeover.FORCED
 
     ahead = queued_ahead(state.waiters, request.waiter_id)
+    if state.frozen is not None:
+        return Busy(state, queued_ahead=ahead)
     if lease is not None and not lease.expired:
         return Busy(state, queued_ahead=ahead)
     if ahead > 0:
         return Busy(state, queued_ahead=ahead)
     return Takeover.FREE if lease is None else Takeover.EXPIRED
+
+
+def freeze_passed_detail(frozen: Freeze | None, request: LeaseRequest) -> str | None:
+    """Return the record detail of a forced grant that passed ``frozen``, or None."""
+    if frozen is None or not request.force:
+        return None
+    return (
+        f"passed the freeze of {frozen.scope} by {frozen.by} ({frozen.reason}): "
+        f"{request.force_reason or 'no reason given'}"
+    )
 
 
 def queued_ahead(waiters: tuple[Waiter, ...], waiter_id: str | None) -> int:
@@ -711,19 +777,35 @@ def _in_transaction(
     return result
 
 
-def _read_state(db: sqlite3.Connection, lock: str, now: ClockReading) -> LockState:
+def _read_state(db: sqlite3.Connection, lock: str, now: ClockReading, wall_now: float) -> LockState:
+    frozen = applicable_freeze(_read_freezes(db), lock, wall_now)
     row = db.execute("SELECT * FROM locks WHERE name = ?", (lock,)).fetchone()
     if row is None:
-        return LockState(lock, 0, None)
+        return LockState(lock, 0, None, frozen=frozen)
 
     waiters = db.execute(
         "SELECT * FROM waiters WHERE lock = ? AND boot_id = ? AND expires_at > ? ORDER BY seq",
         (lock, now.boot_id, now.seconds),
     ).fetchall()
-    return _state_from_row(row, [_waiter_from_row(waiter, now) for waiter in waiters], now)
+    state = _state_from_row(row, [_waiter_from_row(waiter, now) for waiter in waiters], now)
+    return dataclasses.replace(state, frozen=frozen)
 
 
-def _read_all_states(db: sqlite3.Connection, now: ClockReading) -> list[LockState]:
+def _read_freezes(db: sqlite3.Connection) -> list[Freeze]:
+    rows = db.execute("SELECT * FROM freezes").fetchall()
+    return [
+        Freeze(
+            scope=row["scope"],
+            reason=row["reason"],
+            by=row["frozen_by"],
+            at=row["frozen_at"],
+            until=row["until"],
+        )
+        for row in rows
+    ]
+
+
+def _read_all_states(db: sqlite3.Connection, now: ClockReading, wall_now: float) -> list[LockState]:
     waiters_by_lock: dict[str, list[Waiter]] = {}
     live_waiters = db.execute(
         "SELECT * FROM waiters WHERE boot_id = ? AND expires_at > ? ORDER BY seq",
@@ -732,8 +814,15 @@ def _read_all_states(db: sqlite3.Connection, now: ClockReading) -> list[LockStat
     for row in live_waiters:
         waiters_by_lock.setdefault(row["lock"], []).append(_waiter_from_row(row, now))
 
+    freezes = _read_freezes(db)
     rows = db.execute("SELECT * FROM locks ORDER BY name").fetchall()
-    return [_state_from_row(row, waiters_by_lock.get(row["name"], []), now) for row in rows]
+    return [
+        dataclasses.replace(
+            _state_from_row(row, waiters_by_lock.get(row["name"], []), now),
+            frozen=applicable_freeze(freezes, row["name"], wall_now),
+        )
+        for row in rows
+    ]
 
 
 def _read_version(db: sqlite3.Connection, lock: str) -> int:
@@ -787,11 +876,11 @@ def _insert_deployment(
     waited: float,
     takeover: Takeover,
     unlocked_since: float | None = None,
+    detail: str | None = None,
 ) -> None:
     db.execute(
-        "INSERT INTO deployments "
-        "(session_id, lock, token, owner, purpose, started_at, waited, takeover, degraded) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO deployments (session_id, lock, token, owner, purpose, started_at, waited, "
+        "takeover, degraded, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             lease.holder,
             lease.lock,
@@ -802,6 +891,7 @@ def _insert_deployment(
             waited,
             takeover.value,
             int(unlocked_since is not None),
+            detail,
         ),
     )
 
