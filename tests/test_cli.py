@@ -97,7 +97,10 @@ USAGE_ERRORS = [
     pytest.param(
         ["acquire", "api", "--wait", "soon"], "invalid duration 'soon'", id="unparsable-wait"
     ),
-    pytest.param(["acquire", "api", "--pid", "0"], "--pid must be a process id", id="pid-zero"),
+    pytest.param(["acquire", "api", "--pid", "0"], "--pid must name the process", id="pid-zero"),
+    pytest.param(["acquire", "api", "--pid", "1"], "greater than 1", id="pid-init"),
+    pytest.param(["acquire", "api", "--pid", "1_0"], "must be a whole number", id="pid-underscore"),
+    pytest.param(["run", "api", "--grace", "-3", "--", "true"], "--grace", id="negative-grace"),
     pytest.param(
         ["release", "api", "--exit-code", "300"],
         "--exit-code must be between 0 and 255",

@@ -34,6 +34,7 @@ def connect(autostart: bool = True, timeout: float = START_TIMEOUT) -> Connectio
     except NoDaemon:
         if not autostart or no_autostart():
             raise
+    log_offset = _log_size()
     process = start_daemon()
     deadline = time.monotonic() + timeout
     delay = 0.01
@@ -45,9 +46,45 @@ def connect(autostart: bool = True, timeout: float = START_TIMEOUT) -> Connectio
         exit_code = process.poll()
         # Exit code 75 means another daemon won the race to start; keep connecting to it.
         if exit_code not in (None, 75) or time.monotonic() >= deadline:
-            raise NoDaemon(_start_failure(path, exit_code))
+            raise DaemonStartFailed(_start_failure(path, exit_code, log_offset), exit_code)
         time.sleep(delay)
         delay = min(delay * 2, 0.1)
+
+
+class DaemonStartFailed(NoDaemon):
+    """A daemon was started for this call but did not come up; ``exit_code`` is its own."""
+
+    def __init__(self, message: str, exit_code: int | None) -> None:
+        self.exit_code = exit_code
+        super().__init__(message)
+
+
+# Variables that name paths: the daemon runs in /, so relative values are made
+# absolute before it starts, or it would look in a different place.
+_PATH_VARIABLES = (
+    "DEPLOYD_SOCKET",
+    "DEPLOYD_STATE_DIR",
+    "DEPLOYD_CONFIG",
+    "XDG_RUNTIME_DIR",
+    "XDG_STATE_HOME",
+    "XDG_CONFIG_HOME",
+)
+
+
+def _daemon_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    for name in _PATH_VARIABLES:
+        value = env.get(name)
+        if value:
+            env[name] = os.path.abspath(value)
+    return env
+
+
+def _log_size() -> int:
+    try:
+        return os.path.getsize(log_path())
+    except OSError:
+        return 0
 
 
 def start_daemon() -> subprocess.Popen[bytes]:
@@ -64,20 +101,27 @@ def start_daemon() -> subprocess.Popen[bytes]:
             stdout=log_fd,
             stderr=log_fd,
             cwd="/",
+            env=_daemon_environment(),
             start_new_session=True,
         )
     finally:
         os.close(log_fd)
 
 
-def _start_failure(path: str, exit_code: int | None) -> str:
+def _start_failure(path: str, exit_code: int | None, log_offset: int) -> str:
+    """Describe a failed start, quoting what this start wrote to the log (not older lines)."""
     log = log_path()
     tail = ""
     try:
-        with open(log, encoding="utf-8", errors="replace") as handle:
-            lines = handle.read().splitlines()[-3:]
+        with open(log, "rb") as handle:
+            handle.seek(log_offset)
+            lines = handle.read().decode("utf-8", "replace").splitlines()
+        # A daemon that refuses to start says why on its last "deployd serve:" line.
+        reasons = [line for line in lines if line.startswith("deployd serve: ")]
+        if reasons:
+            return reasons[-1].removeprefix("deployd serve: ")
         if lines:
-            tail = ": " + " | ".join(line.strip() for line in lines)
+            tail = ": " + " | ".join(line.strip() for line in lines[-3:])
     except OSError:
         pass
     if exit_code is None:

@@ -12,6 +12,7 @@ import os
 import sys
 
 from deployd_client import __version__, exitcodes
+from deployd_client.autostart import DaemonStartFailed
 from deployd_client.durations import parse_duration
 from deployd_client.names import lock_name_problem
 from deployd_client.options import (
@@ -33,12 +34,16 @@ if TYPE_CHECKING:
 
 __all__ = ["UsageError", "lease_fields", "main", "warn_if_unlocked"]
 
+# How long a quick request (status, release, ...) may wait for the daemon's answer.
+RESPONSE_TIMEOUT = 30.0
+
 
 def _whole_number(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"must be a whole number, got {text!r}") from None
+    # Digits only: int() also takes "1_0", "+5" and non-ASCII digits.
+    digits = text[1:] if text.startswith("-") else text
+    if not digits or any(char not in "0123456789" for char in digits):
+        raise ValueError(f"must be a whole number, got {text!r}")
+    return int(text)
 
 
 def _lease_options() -> list[Option]:
@@ -205,9 +210,19 @@ def parse_arguments(argv: Sequence[str]) -> Arguments | str:
     return args
 
 
+def warn(message: str) -> None:
+    """Print one line to stderr, unless stderr is closed or broken."""
+    if sys.stderr is None:
+        return
+    try:
+        print(f"deployd: {message}", file=sys.stderr)
+    except OSError:
+        pass
+
+
 def fail(message: str, code: int) -> int:
     """Print one error line to stderr and return ``code``."""
-    print(f"deployd: {message}", file=sys.stderr)
+    warn(message)
     return code
 
 
@@ -228,6 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(exc), exitcodes.USAGE)
     except SocketPermissionDenied as exc:
         return fail(str(exc), exitcodes.NO_PERMISSION)
+    except DaemonStartFailed as exc:
+        # The daemon's own exit code says why (78 configuration, 77 permissions, ...).
+        code = exc.exit_code if exc.exit_code in exitcodes.DAEMON_START_CODES else None
+        return fail(str(exc), code or exitcodes.UNAVAILABLE)
     except NoDaemon as exc:
         hint = "" if "DEPLOYD_NO_AUTOSTART" not in os.environ else " (DEPLOYD_NO_AUTOSTART is set)"
         return fail(f"{exc}{hint}; start it with 'deployd serve'", exitcodes.UNAVAILABLE)
@@ -287,21 +306,23 @@ def lease_fields(args: Arguments) -> dict[str, Any]:
 
 
 def _acquire(args: Arguments) -> int:
-    from deployd_client.autostart import connect
     from deployd_client.display import WaitDisplay
+    from deployd_client.waiting import wait_for_lease
 
     pid = args.pid if args.pid is not None else os.getppid()
-    if pid <= 0:
-        raise UsageError(f"--pid must be a process id greater than 0, got {pid}")
+    if pid <= 1:
+        raise UsageError(
+            f"--pid must name the process the lease is bound to (greater than 1), got {pid}"
+        )
     display = WaitDisplay(args.lock, quiet=args.quiet)
-    with connect() as connection:
-        try:
-            result = connection.request(
-                "acquire", on_event=display.update, pid=pid, **lease_fields(args)
-            )
-        except DaemonError as exc:
-            display.finish("gave up")
-            raise exc from None
+    try:
+        connection, result = wait_for_lease(
+            "acquire", {"pid": pid, **lease_fields(args)}, args.wait, display
+        )
+    except DaemonError as exc:
+        display.finish("gave up")
+        raise exc from None
+    connection.close()
     display.finish("got the lock")
     warn_if_unlocked(result)
     _print_lease(result, args.format)
@@ -311,12 +332,11 @@ def _acquire(args: Arguments) -> int:
 def warn_if_unlocked(result: dict[str, Any]) -> None:
     """Print a warning when the daemon granted a lease without the store's lock."""
     if result.get("degraded"):
-        print(
-            f"deployd: WARNING: going ahead WITHOUT a team-wide lock on {result['lock']}: "
+        warn(
+            f"WARNING: going ahead WITHOUT a team-wide lock on {result['lock']}: "
             f"{result.get('unlocked_reason') or 'the lease store is unreachable'}. Deploys on "
             "this workstation are still one at a time; the daemon takes the real lock when "
-            "the store is back and reports any overlap (on_store_error = open)",
-            file=sys.stderr,
+            "the store is back and reports any overlap (on_store_error = open)"
         )
 
 
@@ -358,11 +378,11 @@ def _release(args: Arguments) -> int:
         if env_lease and os.environ.get("DEPLOYD_LOCK") == target:
             fields["lease_id"] = env_lease
     with connect() as connection:
-        result = connection.request("release", **fields)
+        result = connection.request("release", timeout=RESPONSE_TIMEOUT, **fields)
     if result.get("released"):
-        print(f"deployd: released {result['lock']} ({result['outcome']})", file=sys.stderr)
+        warn(f"released {result['lock']} ({result['outcome']})")
     else:
-        print(f"deployd: {result.get('message', 'nothing to release')}", file=sys.stderr)
+        warn(result.get("message", "nothing to release"))
     return exitcodes.OK
 
 
@@ -371,7 +391,7 @@ def _status(args: Arguments) -> int:
     from deployd_client.display import status_text, use_color
 
     with connect() as connection:
-        result = connection.request("status")
+        result = connection.request("status", timeout=RESPONSE_TIMEOUT)
     if args.json:
         import json
 
@@ -391,11 +411,11 @@ def _force_unlock(args: Arguments) -> int:
     if not args.reason:
         raise UsageError("force-unlock needs --reason TEXT saying why you take the lock away")
     with connect() as connection:
-        locks = connection.request("locks")["locks"]
+        locks = connection.request("locks", timeout=RESPONSE_TIMEOUT)["locks"]
         state = next((entry for entry in locks if entry["lock"] == args.lock), None)
         lease = state["lease"] if state else None
         if lease is None:
-            print(f"deployd: {args.lock} is not held; nothing to force", file=sys.stderr)
+            warn(f"{args.lock} is not held; nothing to force")
             return exitcodes.OK
         expired = " (its lease has expired)" if not state or not state.get("held") else ""
         holder = describe_holder(lease) + expired
@@ -409,15 +429,13 @@ def _force_unlock(args: Arguments) -> int:
             sys.stderr.flush()
             answer = sys.stdin.readline().strip().lower()
             if answer not in ("y", "yes"):
-                print("deployd: not forced", file=sys.stderr)
+                warn("not forced")
                 return exitcodes.BUSY
-        result = connection.request("force_unlock", lock=args.lock, reason=args.reason)
-    if result.get("forced"):
-        print(
-            f"deployd: forced {args.lock} away from {holder}; fencing token is now "
-            f"{result['token']}",
-            file=sys.stderr,
+        result = connection.request(
+            "force_unlock", timeout=RESPONSE_TIMEOUT, lock=args.lock, reason=args.reason
         )
+    if result.get("forced"):
+        warn(f"forced {args.lock} away from {holder}; fencing token is now {result['token']}")
     else:
-        print(f"deployd: {args.lock} was already free", file=sys.stderr)
+        warn(f"{args.lock} was already free")
     return exitcodes.OK

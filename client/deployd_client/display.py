@@ -58,39 +58,44 @@ def ordinal(number: int) -> str:
 class WaitDisplay:
     """Show a wait for a lock on stderr.
 
-    On a terminal, one line is rewritten in place as the position or holder
-    changes; elsewhere one line is printed when the wait starts and one when
-    it ends, so logs stay short.
+    On a terminal, one line is rewritten in place as the position, the holder
+    or the elapsed time change, cut to the terminal's width. Elsewhere one line
+    is printed when the wait starts and one when it ends, so logs stay short.
     """
 
     def __init__(self, lock: str, stream: TextIO | None = None, quiet: bool = False) -> None:
         self.lock = lock
         self.stream = stream or sys.stderr
-        self.quiet = quiet
-        self.terminal = self.stream.isatty()
+        # No stream at all when stderr was closed before the command started.
+        self.quiet = quiet or self.stream is None
+        self.terminal = not self.quiet and self.stream.isatty()
         self.started = time.monotonic()
         self._shown = False
-        self._last_text = ""
+        self._event: dict[str, Any] | None = None
 
     def update(self, event: dict[str, Any]) -> None:
         """Show a queue_position event."""
         if self.quiet:
             return
-        position = event.get("position")
-        holder = event.get("holder")
-        who = f"held by {describe_holder(holder)}" if isinstance(holder, dict) else "busy"
-        place = f"you are {ordinal(position)} in line" if isinstance(position, int) else "queued"
-        text = f"deployd: waiting for {self.lock}: {who}; {place}"
+        self._event = event
         if self.terminal:
-            waited = format_duration(time.monotonic() - self.started)
-            self.stream.write(f"\r\x1b[K{text} (waiting {waited})")
-            self.stream.flush()
-            self._shown = True
+            self._draw()
         elif not self._shown:
-            self.stream.write(text + "\n")
-            self.stream.flush()
+            self._write(self._describe() + "\n")
             self._shown = True
-        self._last_text = text
+
+    def refresh(self) -> None:
+        """Redraw the terminal line, so that the elapsed time moves."""
+        if self.terminal and self._event is not None:
+            self._draw()
+
+    def note(self, text: str) -> None:
+        """Print a line about the wait, such as a daemon restart, above the waiting line."""
+        if self.quiet:
+            return
+        prefix = "\r\x1b[K" if self.terminal and self._shown else ""
+        self._write(f"{prefix}deployd: {self.lock}: {text}\n")
+        self.refresh()
 
     def finish(self, outcome: str) -> None:
         """End the wait display with ``outcome`` (for example ``got the lock``)."""
@@ -98,11 +103,40 @@ class WaitDisplay:
             return
         waited = format_duration(time.monotonic() - self.started)
         line = f"deployd: {self.lock}: {outcome} after waiting {waited}"
-        if self.terminal:
-            self.stream.write(f"\r\x1b[K{line}\n")
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        self._write(f"\r\x1b[K{line}\n" if self.terminal else line + "\n")
+
+    def _describe(self) -> str:
+        event = self._event or {}
+        parts = [f"deployd: waiting for {self.lock}"]
+        holder = event.get("holder")
+        if isinstance(holder, dict):
+            parts.append(f"held by {describe_holder(holder)}")
+        position = event.get("position")
+        if isinstance(position, int):
+            parts.append(f"you are {ordinal(position)} in line")
+        eta = event.get("eta")
+        if isinstance(eta, int | float):
+            parts.append(f"ETA ~{format_duration(eta)}")
+        return "; ".join(parts)
+
+    def _draw(self) -> None:
+        waited = format_duration(time.monotonic() - self.started)
+        text = f"{self._describe()} (waiting {waited})"
+        try:
+            width = os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError):
+            width = 80
+        if len(text) >= width:
+            text = text[: max(10, width - 2)] + "…"
+        self._write(f"\r\x1b[K{text}")
+        self._shown = True
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except OSError:
+            self.quiet = True
 
 
 def status_text(status: dict[str, Any], color: bool = False) -> str:

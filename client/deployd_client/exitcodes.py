@@ -26,8 +26,13 @@ BY_ERROR_CODE = {
     "permission_denied": NO_PERMISSION,
     "config_invalid": CONFIG,
     "shutting_down": UNAVAILABLE,
+    "too_many_connections": BUSY,
     "internal": INTERNAL,
 }
+
+
+# Exit codes of a daemon that failed to start which a client passes on as they are.
+DAEMON_START_CODES = frozenset({NO_PERMISSION, CONFIG, UNAVAILABLE})
 
 
 def for_error_code(code: str) -> int:

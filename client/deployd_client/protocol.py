@@ -206,7 +206,10 @@ class Connection:
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise ConnectionLost("the daemon did not respond in time")
+                raise ConnectionLost(
+                    f"the deployd daemon on {self.path} did not respond in time; it may be "
+                    "stopped or overloaded: see its log"
+                )
             message = self.read_message(remaining)
             if message is None:
                 continue

@@ -4,21 +4,27 @@ The lease is bound to this client and to the command: the daemon keeps it
 while either runs, so a killed client does not free the lock under a
 running deploy. The command runs in its own process group; SIGINT, SIGTERM
 and SIGHUP sent to this client are forwarded to that group, and on a
-terminal the group gets the terminal's foreground. If the daemon goes away
-(a restart), the client reconnects and re-attaches to its lease for up to
-the lease's TTL. The command's exit code is passed through.
+terminal the group gets the terminal's foreground (Ctrl-Z stops the
+command and this client together, as a shell job). The lock is held until
+the whole process group has exited, not only the first process.
+
+The client watches the lease itself: the daemon confirms every renewal,
+and if no confirmation arrives within the renew deadline (a stopped or
+unreachable daemon, or one that restarted and never came back) the client
+treats the lease as lost, before it can expire for anyone else. If the
+daemon goes away, the client reconnects and re-attaches to its lease.
+The command's exit code is passed through.
 """
 
 from __future__ import annotations
 
 import os
 import select
-import sys
 import time
 
 from deployd_client import exitcodes
 from deployd_client.autostart import connect
-from deployd_client.cli import lease_fields, warn_if_unlocked
+from deployd_client.cli import lease_fields, warn, warn_if_unlocked
 from deployd_client.display import WaitDisplay
 from deployd_client.options import Arguments
 from deployd_client.protocol import (
@@ -27,7 +33,12 @@ from deployd_client.protocol import (
     ConnectionLost,
     DaemonError,
     NoDaemon,
-    unwrap,
+)
+from deployd_client.waiting import (
+    AUTOSTART_AFTER,
+    WaitInterrupted,
+    read_signals,
+    wait_for_lease,
 )
 
 TYPE_CHECKING = False
@@ -45,15 +56,22 @@ SIGNAL_NAMES: dict[int, str] = {
     signal.SIGTERM: "SIGTERM",
     signal.SIGHUP: "SIGHUP",
 }
+# Signals that Python ignores in itself and that the command must get back
+# with their default action, as a shell would start it: with SIGPIPE ignored,
+# `producer | head -1` never ends.
+RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 # How long to wait for the daemon to answer a release before giving up on it.
 RELEASE_TIMEOUT = 10.0
-# How long a client without a daemon waits for one to come back before it
-# starts one itself.
-RECONNECT_AUTOSTART_AFTER = 1.0
+# How often to look whether the rest of the command's process group has exited.
+GROUP_POLL_INTERVAL = 0.2
 
 
 def run(args: Arguments, command: list[str]) -> int:
     """Run ``command`` under the lock in ``args``; return the exit code to end with."""
+    if args.grace < 0:
+        from deployd_client.options import UsageError
+
+        raise UsageError(f"--grace must not be negative, got {args.grace:g}s")
     signals = _SignalPipe()
     try:
         return _Run(args, command, signals.read_fd).main()
@@ -98,12 +116,15 @@ def _signal_group(process_group: int, signum: int) -> None:
         pass
 
 
-def _read_signals(wakeup: int) -> list[int]:
+def _group_alive(process_group: int) -> bool:
+    """Return whether any process of ``process_group`` still exists."""
     try:
-        data = os.read(wakeup, 512)
-    except BlockingIOError:
-        return []
-    return list(data)
+        os.killpg(process_group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class _Terminal:
@@ -147,18 +168,24 @@ class _Run:
         self.connection: Connection | None = None
         self.lease: dict[str, Any] = {}
         self.child_pid: int | None = None
+        self.child_done = False
         self.exit_code: int | None = None
         self.lost_message: str | None = None
         self.terminate_sent_at: float | None = None
         self.killed = False
         self.terminal = _Terminal()
+        # When the daemon last confirmed the lease (a grant or a renewal), on
+        # this process's monotonic clock; None while the lease has no store
+        # lease to renew (it runs without a lock).
+        self.confirmed_at: float | None = None
+        self.renew_deadline = 0.0
+        self.group_notice_shown = False
 
     def main(self) -> int:
-        self.connection = connect()
         try:
-            signal_code = self._hold()
-            if signal_code is not None:
-                return signal_code
+            interrupted = self._hold()
+            if interrupted is not None:
+                return interrupted
             self._spawn()
             self._supervise()
             return self._finish()
@@ -170,37 +197,40 @@ class _Run:
 
     def _hold(self) -> int | None:
         """Wait for the lease; return an exit code if a signal ended the wait."""
-        assert self.connection is not None
         display = WaitDisplay(self.lock, quiet=self.args.quiet)
-        request_id = self.connection.send("hold", pid=os.getpid(), **lease_fields(self.args))
-        while True:
-            # One recv() can buffer an event and the response together, and select()
-            # does not report buffered data, so it must not block then.
-            timeout = 0 if self.connection.has_buffered_message() else None
-            ready = self._select([self.connection.fileno(), self.wakeup], timeout)
-            if self.wakeup in ready:
-                for signum in _read_signals(self.wakeup):
-                    if signum in FORWARDED_SIGNALS:
-                        name = SIGNAL_NAMES.get(signum, f"signal {signum}")
-                        display.finish(f"stopped waiting ({name})")
-                        return 128 + signum
-            if self.connection.fileno() in ready or self.connection.has_buffered_message():
-                message = self.connection.read_message(0)
-                if message is None:
-                    continue
-                if "event" in message:
-                    display.update(message)
-                    continue
-                if message.get("id") not in (request_id, None):
-                    continue
-                try:
-                    self.lease = unwrap(message)
-                except DaemonError:
-                    display.finish("gave up")
-                    raise
-                display.finish("got the lock")
-                warn_if_unlocked(self.lease)
-                return None
+        try:
+            self.connection, self.lease = wait_for_lease(
+                "hold",
+                {"pid": os.getpid(), **lease_fields(self.args)},
+                self.args.wait,
+                display,
+                self.wakeup,
+            )
+        except WaitInterrupted as stop:
+            name = SIGNAL_NAMES.get(stop.signum, f"signal {stop.signum}")
+            display.finish(f"stopped waiting ({name})")
+            return 128 + stop.signum
+        except DaemonError:
+            display.finish("gave up")
+            raise
+        display.finish("got the lock")
+        warn_if_unlocked(self.lease)
+        self._confirmed(self.lease)
+        return None
+
+    def _confirmed(self, data: dict[str, Any]) -> None:
+        """Note a confirmation of the lease from the daemon (a grant, renewal or re-attach)."""
+        if data.get("degraded"):
+            self.confirmed_at = None
+            return
+        timings = data.get("timings") or self.lease.get("timings") or {}
+        self.renew_deadline = float(timings.get("renew_deadline", 0.0))
+        # The daemon's monotonic clock is the same system-wide clock as this
+        # process's, so its confirmation time can be used as it is.
+        confirmed = data.get("confirmed_at")
+        self.confirmed_at = (
+            float(confirmed) if isinstance(confirmed, int | float) else time.monotonic()
+        )
 
     # --- running the command ---
 
@@ -210,18 +240,20 @@ class _Run:
         env["DEPLOYD_LOCK"] = self.lease["lock"]
         env["DEPLOYD_FENCING_TOKEN"] = str(self.lease["token"])
         try:
-            self.child_pid = os.posix_spawnp(self.command[0], self.command, env, setpgroup=0)
+            self.child_pid = os.posix_spawnp(
+                self.command[0], self.command, env, setpgroup=0, setsigdef=RESET_SIGNALS
+            )
         except FileNotFoundError:
             self.exit_code = 127
-            print(f"deployd: command not found: {self.command[0]}", file=sys.stderr)
+            warn(f"command not found: {self.command[0]}")
             return
         except PermissionError:
             self.exit_code = 126
-            print(f"deployd: permission denied running {self.command[0]}", file=sys.stderr)
+            warn(f"permission denied running {self.command[0]}")
             return
         except OSError as exc:
             self.exit_code = 126
-            print(f"deployd: cannot run {self.command[0]}: {exc.strerror or exc}", file=sys.stderr)
+            warn(f"cannot run {self.command[0]}: {exc.strerror or exc}")
             return
         self.terminal.hand_to(self.child_pid)
         assert self.connection is not None
@@ -231,47 +263,101 @@ class _Run:
             pass  # the connection is gone; _supervise() reconnects and re-attaches
 
     def _supervise(self) -> None:
-        """Wait for the command to exit while forwarding signals and minding the lease."""
+        """Wait for the command's process group while forwarding signals and minding the lease."""
         if self.child_pid is None:
             return
         disconnected_at: float | None = None
         try:
-            while self.exit_code is None:
+            while True:
                 self._reap()
-                if self.exit_code is not None:
+                if self.child_done and not self._rest_of_group_running():
                     break
                 if self.connection is None and self.lost_message is None:
                     disconnected_at = disconnected_at or time.monotonic()
                     self._reconnect(disconnected_at)
                     if self.connection is not None:
                         disconnected_at = None
-                self._escalate()
-                watched = [self.wakeup]
                 if self.connection is not None:
-                    watched.append(self.connection.fileno())
-                reconnecting = self.connection is None and self.lost_message is None
-                timeout = 0.1 if reconnecting or self.terminate_sent_at else None
-                if self.connection is not None and self.connection.has_buffered_message():
-                    timeout = 0
-                ready = self._select(watched, timeout)
+                    # Confirmations may wait in the socket (after Ctrl-Z, for one).
+                    self._read_daemon()
+                self._check_renewals()
+                self._escalate()
+                ready = self._select(self._watched(), self._timeout())
                 if self.wakeup in ready:
-                    self._forward(_read_signals(self.wakeup))
+                    self._forward(read_signals(self.wakeup))
                 if self.connection is not None:
                     self._read_daemon()
         finally:
             self.terminal.take_back()
 
+    def _watched(self) -> list[int]:
+        watched = [self.wakeup]
+        if self.connection is not None:
+            watched.append(self.connection.fileno())
+        return watched
+
+    def _timeout(self) -> float | None:
+        """Return how long select() may sleep before something needs checking."""
+        if self.connection is not None and self.connection.has_buffered_message():
+            return 0
+        timeouts: list[float] = []
+        if self.connection is None and self.lost_message is None:
+            timeouts.append(0.1)  # reconnecting
+        if self.terminate_sent_at is not None and not self.killed:
+            timeouts.append(0.1)
+        if self.child_done:
+            timeouts.append(GROUP_POLL_INTERVAL)
+        if self.confirmed_at is not None and self.lost_message is None:
+            due = self.confirmed_at + self.renew_deadline - time.monotonic()
+            timeouts.append(max(0.0, due))
+        return min(timeouts, default=None)
+
     def _reap(self) -> None:
+        """Collect the command's exit status, and follow it when the user stops it (Ctrl-Z)."""
+        if self.child_done:
+            return
         assert self.child_pid is not None
         try:
-            pid, status = os.waitpid(self.child_pid, os.WNOHANG)
+            pid, status = os.waitpid(self.child_pid, os.WNOHANG | os.WUNTRACED)
         except ChildProcessError:
+            self.child_done = True
             self.exit_code = self.exit_code if self.exit_code is not None else 1
             return
         if pid == 0:
             return
+        if os.WIFSTOPPED(status):
+            self._stop_with_child()
+            return
+        self.child_done = True
         code = os.waitstatus_to_exitcode(status)
         self.exit_code = code if code >= 0 else 128 - code
+
+    def _stop_with_child(self) -> None:
+        """Stop this client too, as a shell job is stopped, and resume the command with it."""
+        assert self.child_pid is not None
+        self.terminal.take_back()
+        os.kill(os.getpid(), signal.SIGSTOP)
+        # Here after SIGCONT, when the user resumed the job (fg or bg).
+        if self.terminal.fd is not None:
+            try:
+                in_foreground = os.tcgetpgrp(self.terminal.fd) == os.getpgrp()
+            except OSError:
+                in_foreground = False
+            if in_foreground:
+                self.terminal.hand_to(self.child_pid)
+        _signal_group(self.child_pid, signal.SIGCONT)
+
+    def _rest_of_group_running(self) -> bool:
+        assert self.child_pid is not None
+        if not _group_alive(self.child_pid):
+            return False
+        if not self.group_notice_shown:
+            self.group_notice_shown = True
+            warn(
+                f"the command exited with {self.exit_code}; holding {self.lock} until the "
+                f"other processes of its process group ({self.child_pid}) exit"
+            )
+        return True
 
     def _forward(self, signals: list[int]) -> None:
         assert self.child_pid is not None
@@ -287,38 +373,52 @@ class _Run:
                 self.connection.close()
                 self.connection = None
                 if self.lost_message is None:
-                    print(
-                        "deployd: lost the connection to the daemon; "
-                        f"reconnecting to keep {self.lock}",
-                        file=sys.stderr,
-                    )
+                    warn(f"lost the connection to the daemon; reconnecting to keep {self.lock}")
                 return
             if message is None:
                 return
-            if message.get("event") in ("overlap", "lease_locked"):
-                print(f"deployd: {message.get('message')}", file=sys.stderr)
-            elif message.get("event") == "lease_lost":
+            event = message.get("event")
+            if event == "lease_renewed":
+                self._confirmed(message)
+            elif event == "lease_locked":
+                warn(f"{message.get('message')}")
+                self._confirmed(message)
+            elif event == "overlap":
+                warn(f"{message.get('message')}")
+            elif event == "lease_lost":
                 self._lease_lost(str(message.get("message") or f"lease on {self.lock} was lost"))
-            elif message.get("ok") is False and "event" not in message:
+            elif message.get("ok") is False and event is None:
                 error = message.get("error") or {}
                 if error.get("code") in ("lease_lost", "not_holder"):
                     self._lease_lost(str(error.get("message")))
 
+    def _check_renewals(self) -> None:
+        """Treat the lease as lost when no renewal was confirmed within the renew deadline."""
+        if self.confirmed_at is None or self.lost_message is not None:
+            return
+        silent = time.monotonic() - self.confirmed_at
+        if silent >= self.renew_deadline:
+            self._lease_lost(
+                f"the daemon confirmed no renewal of the lease on {self.lock} for "
+                f"{silent:.1f}s (renew deadline {self.renew_deadline:g}s): it is stopped, "
+                "wedged or gone, so the lease may expire for others"
+            )
+
     def _reconnect(self, since: float) -> None:
         """Try once to reach the daemon again and re-attach to the lease."""
         elapsed = time.monotonic() - since
-        ttl = float(self.lease.get("timings", {}).get("ttl", 30.0))
-        if elapsed > ttl:
-            self._lease_lost(
-                f"no daemon answered for {ttl:g}s, so the lease on {self.lock} has expired"
-            )
-            return
         try:
-            connection = connect(autostart=elapsed >= RECONNECT_AUTOSTART_AFTER, timeout=1.0)
+            connection = connect(autostart=elapsed >= AUTOSTART_AFTER, timeout=1.0)
         except (NoDaemon, ClientError):
             return
         try:
-            connection.request("hold", attach=self.lease["lease_id"], timeout=5.0)
+            result = connection.request(
+                "hold",
+                timeout=5.0,
+                attach=self.lease["lease_id"],
+                lease=self.lease.get("lease"),
+                pids=[os.getpid(), self.child_pid],
+            )
         except DaemonError as exc:
             connection.close()
             self._lease_lost(str(exc))
@@ -327,27 +427,25 @@ class _Run:
             connection.close()
             return
         self.connection = connection
-        print(f"deployd: re-attached to the lease on {self.lock}", file=sys.stderr)
+        self._confirmed(result)
+        warn(f"re-attached to the lease on {self.lock}")
 
     def _lease_lost(self, message: str) -> None:
         if self.lost_message is not None:
             return
         self.lost_message = message
         policy = self.args.on_lost
-        print(f"deployd: LEASE LOST: {message}", file=sys.stderr)
+        warn(f"LEASE LOST: {message}")
         if self.connection is not None:
             self.connection.close()
             self.connection = None
-        if self.child_pid is None or self.exit_code is not None:
+        if self.child_pid is None or self.child_done:
             return
         if policy == "warn":
-            print(
-                "deployd: --on-lost warn: the command keeps running WITHOUT the lock",
-                file=sys.stderr,
-            )
+            warn("--on-lost warn: the command keeps running WITHOUT the lock")
             return
         signum = signal.SIGINT if policy == "interrupt" else signal.SIGTERM
-        print(f"deployd: sending {SIGNAL_NAMES[signum]} to the command", file=sys.stderr)
+        warn(f"sending {SIGNAL_NAMES[signum]} to the command")
         _signal_group(self.child_pid, signum)
         if policy == "terminate":
             self.terminate_sent_at = time.monotonic()
@@ -356,10 +454,7 @@ class _Run:
         if self.terminate_sent_at is None or self.killed or self.child_pid is None:
             return
         if time.monotonic() - self.terminate_sent_at >= self.args.grace:
-            print(
-                f"deployd: the command did not exit within {self.args.grace:g}s; sending SIGKILL",
-                file=sys.stderr,
-            )
+            warn(f"the command did not exit within {self.args.grace:g}s; sending SIGKILL")
             _signal_group(self.child_pid, signal.SIGKILL)
             self.killed = True
 
@@ -368,11 +463,7 @@ class _Run:
     def _finish(self) -> int:
         exit_code = self.exit_code if self.exit_code is not None else exitcodes.INTERNAL
         if self.lost_message is not None:
-            print(
-                f"deployd: the command exited with {exit_code} "
-                f"after the lease on {self.lock} was lost",
-                file=sys.stderr,
-            )
+            warn(f"the command exited with {exit_code} after the lease on {self.lock} was lost")
             return exitcodes.LEASE_LOST
         self._release(exit_code)
         return exit_code
@@ -396,18 +487,17 @@ class _Run:
                 return
             except DaemonError as exc:
                 if exc.code == "lease_lost":
-                    print(f"deployd: {exc}", file=sys.stderr)
+                    warn(f"{exc}")
                     raise
-                print(f"deployd: release failed: {exc}", file=sys.stderr)
+                warn(f"release failed: {exc}")
                 return
             except ClientError:
                 if self.connection is not None:
                     self.connection.close()
                 self.connection = None
-        print(
-            f"deployd: could not report the end of the deploy to the daemon; the lease on "
-            f"{self.lock} ends when the daemon sees this process gone",
-            file=sys.stderr,
+        warn(
+            f"could not report the end of the deploy to the daemon; the lease on "
+            f"{self.lock} ends when the daemon sees this process gone"
         )
 
     # --- helpers ---

@@ -183,6 +183,13 @@ class Release:
 
 
 @dataclass(frozen=True, slots=True)
+class Renewed:
+    """A renewal succeeded; tell the holder's connections, which watch for confirmations."""
+
+    held: HeldLease
+
+
+@dataclass(frozen=True, slots=True)
 class Grant:
     """Answer the ticket's caller with the held lease."""
 
@@ -269,6 +276,7 @@ Action = (
     | Position
     | Lost
     | Ended
+    | Renewed
     | Upgrade
     | Upgraded
     | Overlap
@@ -471,7 +479,7 @@ class Coordinator:
             held.confirmed_at = sent_at
             held.renew_failures = 0
             held.next_renew_at = sent_at + held.timings.renew_every
-            return []
+            return [Renewed(held)]
         if isinstance(result, LeaseLost):
             return self._lose(held, result, now, release_in_store=False)
         held.renew_failures += 1

@@ -277,6 +277,7 @@ class Ops:
                 "renew_deadline": held.timings.renew_deadline,
             },
             "binding": binding.to_json() if binding else None,
+            "confirmed_at": held.confirmed_at,
             "degraded": held.degraded,
             "unlocked_reason": held.unlocked_reason if held.degraded else None,
         }

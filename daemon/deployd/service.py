@@ -36,6 +36,7 @@ from deployd.coordinator import (
     Refuse,
     Release,
     Renew,
+    Renewed,
     Ticket,
     Upgrade,
     Upgraded,
@@ -488,6 +489,8 @@ class LeaseService:
                     self._lost(action)
                 case Ended():
                     self._ended_lease(action)
+                case Renewed():
+                    self._push(action.held, renewed_event(action.held))
                 case Upgrade():
                     self._spawn(self._upgrade, action)
                 case Upgraded():
@@ -544,6 +547,7 @@ class LeaseService:
                 "lock": held.lock,
                 "lease_id": held.lease_id,
                 "token": held.lease.token,
+                "confirmed_at": held.confirmed_at,
                 "message": f"the store is back: {held.lock} is now locked for this deploy "
                 f"with fencing token {held.lease.token}",
             },
@@ -934,3 +938,20 @@ def _identify_or_raise(pid: int) -> ProcessIdentity:
             "pass --pid with a running process, such as the deploy script's $$"
         )
     return identity
+
+
+def renewed_event(held: HeldLease) -> dict[str, Any]:
+    """Return the lease_renewed event: when the renewal was confirmed, on the daemon's clock.
+
+    The daemon's clock is time.monotonic(), which on Linux and macOS is one
+    clock for every process of the machine, so a client can compare it with
+    its own to watch the renew deadline.
+    """
+    return {
+        "event": "lease_renewed",
+        "lock": held.lock,
+        "lease_id": held.lease_id,
+        "token": held.lease.token,
+        "confirmed_at": held.confirmed_at,
+        "expires_in": held.lease.expires_in,
+    }
