@@ -259,12 +259,49 @@ def profile_section(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def slack_section(data: dict[str, Any]) -> list[str]:
+    settings = data["settings"]
+    rows = []
+    for name, summary in data["summaries"].items():
+        target = data["targets"].get(name)
+        rows.append(
+            (
+                f"`{name}`",
+                f"{summary['median']:.1f}",
+                f"{summary['p95']:.1f}",
+                f"{target['ratio']:.3f}" if target else "-",
+                f"{target['median_paired_ratio']:.3f}" if target else "-",
+            )
+        )
+    lines = [
+        "## 4. What Slack notifications add to a call",
+        "",
+        f"`deployd run L -- true`, {settings['repeats']} rounds of {settings['iterations']} "
+        f"interleaved runs per daemon, each after {settings['warmup']} warm-up runs; times in "
+        "ms, pooled.",
+        "",
+        *table(
+            ("daemon", "wall median", "wall p95", "this / slack_off (medians)", "paired ratios"),
+            rows,
+        ),
+    ]
+    for name, target in data["targets"].items():
+        per_round = ", ".join(f"{result['ratio'][name]:.3f}x" for result in data["rounds"])
+        lines.append(
+            f"- target `{name}` <= {target['max_ratio']}x `slack_off`: {target['ratio']:.3f}x, "
+            f"{verdict(target['met'])} (rounds: {per_round})"
+        )
+    lines += ["", background_line(data), ""]
+    return lines
+
+
 SECTIONS = (
     ("machine", machine_section),
     ("call_cost", call_cost_section),
     ("call_breakdown", breakdown_section),
     ("throughput", throughput_section),
     ("memory", memory_section),
+    ("slack_overhead", slack_section),
     ("daemon_profile", profile_section),
 )
 

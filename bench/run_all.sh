@@ -7,8 +7,8 @@
 # 1. Install Debian's etcd-server and etcd-client when missing (needs root).
 # 2. Create bench/.venv with py-spy and a regular, non-editable install of
 #    this work tree.
-# 3. Run the call-cost, call-breakdown, throughput, memory and daemon-profile
-#    benchmarks.
+# 3. Run the call-cost, call-breakdown, throughput, memory, Slack-overhead
+#    and daemon-profile benchmarks.
 # 4. Write JSON to bench/results/ and the tables to bench/results/report.md.
 #
 # --reuse-venv keeps an existing bench/.venv and only reinstalls deployd into it.
@@ -109,6 +109,8 @@ echo "== 2. throughput and fairness"
 "$PYTHON" throughput.py
 echo "== 3. daemon memory"
 "$PYTHON" memory.py
+echo "== 4. what Slack notifications add to a call"
+"$PYTHON" slack_overhead.py
 echo "== daemon profile"
 "$PYTHON" profile_daemon.py
 echo "== report"

@@ -133,3 +133,7 @@ say "deploying to Cloud Run in $region"
 deploy_image
 revision=$(read_revision)
 say "Cloud Run serves revision $revision"
+# Tell the team (in Slack, when the daemon has it configured) which revision
+# is live. A failed report must not fail a deploy that already happened.
+"$deployd" event "$service" deployed --revision "$revision" ||
+    say "could not report the revision to deployd; the release reports it"

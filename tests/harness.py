@@ -64,10 +64,15 @@ def render_config(settings: Mapping[str, Any]) -> str:
 
 @dataclass
 class Workstation:
-    """The directories and environment of one simulated workstation."""
+    """The directories and environment of one simulated workstation.
+
+    ``environment`` holds variables that this workstation's daemon and
+    clients get on top of the test's own, such as FIRESTORE_EMULATOR_HOST.
+    """
 
     root: Path
     settings: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, str] = field(default_factory=dict)
 
     @property
     def socket(self) -> Path:
@@ -108,6 +113,7 @@ class Workstation:
             DEPLOYD_NO_AUTOSTART="1",
             PYTHONUNBUFFERED="1",
         )
+        env.update(self.environment)
         env.update(extra)
         return env
 

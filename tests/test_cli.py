@@ -191,7 +191,7 @@ def test_busy_lock_names_holder(
     assert " since " in line
     assert "'hotfix 12'" in line
     assert "abc1234" in line
-    assert lease["lease_id"] in line
+    assert lease["session_id"] in line
     assert "--wait" in line, "the message should say what to do next"
 
 
@@ -222,8 +222,10 @@ def test_acquire_prints_text(
     assert result.returncode == 0, result.stderr
     lease = held_lease(workstation, "api")
     assert lease is not None
-    expected = f"acquired api: lease {lease['lease_id']}, fencing token {lease['token']}, TTL 30s"
-    assert result.stdout.strip() == expected
+    # The lease id handed to the holder is the session id, "+" and a secret key.
+    text = result.stdout.strip()
+    assert text.startswith(f"acquired api: lease {lease['session_id']}+"), text
+    assert text.endswith(f", fencing token {lease['token']}, TTL 30s"), text
 
 
 def test_acquire_prints_json(
@@ -237,7 +239,7 @@ def test_acquire_prints_json(
     lease = held_lease(workstation, "prod:api")
     assert lease is not None
     assert printed["lock"] == "prod:api"
-    assert printed["lease_id"] == lease["lease_id"]
+    assert printed["session_id"] == lease["session_id"]
     assert printed["token"] == lease["token"]
     assert printed["timings"]["ttl"] == 45
     assert printed["lease"]["owner"]["pid"] == shell.pid
@@ -267,7 +269,10 @@ printf '%s\\n' "$DEPLOYD_LEASE_ID" "$DEPLOYD_LOCK" "$DEPLOYD_FENCING_TOKEN"
     status = json.loads(seen.read_text())
     leases = [state["lease"] for state in status["locks"] if state["held"]]
     assert len(leases) == 1, leases
-    assert lease_id == leases[0]["lease_id"]
+    # DEPLOYD_LEASE_ID is the session id, "+" and the key that only the holder gets.
+    session_id, _, key = lease_id.rpartition("+")
+    assert session_id == leases[0]["session_id"]
+    assert key
     assert lock == "prod:api"
     assert token == str(leases[0]["token"])
     # The lease was bound to the bash that evaluated the output, which has exited.
@@ -355,7 +360,8 @@ def test_release_of_ended_lease_succeeds(
     result = workstation.deployd("release", ended)
 
     assert result.returncode == 0, result.stderr
-    assert f"lease {ended} on api had already ended" in result.stderr
+    session_id = ended.rpartition("+")[0]
+    assert f"lease {session_id} on api had already ended" in result.stderr
 
 
 def test_release_of_unknown_lease_exits_77(workstation: Workstation, daemon: DaemonProcess) -> None:
@@ -381,7 +387,7 @@ def test_release_by_other_process_exits_77(
     assert f"pid {shell.pid}" in line
     untouched = held_lease(workstation, "api")
     assert untouched is not None, "the rejected release freed the lock"
-    assert untouched["lease_id"] == lease["lease_id"]
+    assert untouched["session_id"] == lease["session_id"]
     assert untouched["token"] == lease["token"]
 
 
@@ -436,7 +442,7 @@ def test_run_sets_lease_environment(
     assert result.returncode == 0, result.stderr
     lease_id, lock, token = seen.read_text().splitlines()
     [state] = json.loads(status_file.read_text())["locks"]
-    assert lease_id == state["lease"]["lease_id"]
+    assert lease_id.rpartition("+")[0] == state["lease"]["session_id"]
     assert lock == "api"
     assert token == str(state["lease"]["token"])
 

@@ -162,7 +162,7 @@ def test_killed_daemon_lease_expires_then_regrant(
 
         assert stat.S_ISSOCK(workstation.socket.lstat().st_mode)
         old = lock_row(workstation.store_file, "api")
-        assert old["holder"] == lease["lease_id"]
+        assert old["holder"] == lease["session_id"]
         log_offset = workstation.log_file.stat().st_size
 
         restarted = start(workstation)
@@ -184,12 +184,12 @@ def test_killed_daemon_lease_expires_then_regrant(
         new_lease = waiter.lease()
 
         new = lock_row(workstation.store_file, "api")
-        assert new["holder"] == new_lease["lease_id"]
+        assert new["holder"] == new_lease["session_id"]
         assert grant_time(new) >= old["expires_at"]
         assert new_lease["token"] == lease["token"] + 1
         assert holder.process.poll() is None
         assert [
-            row["outcome"] for row in deployments(workstation.store_file, lease["lease_id"])
+            row["outcome"] for row in deployments(workstation.store_file, lease["session_id"])
         ] == ["expired"]
     finally:
         holder.kill()
@@ -229,7 +229,9 @@ def test_restart_keeps_running_deploy_locked(
     watch = probe = None
     try:
         wait_until(lease_file.exists)
-        lease_id, token_text = lease_file.read_text().split()
+        handed_out_id, token_text = lease_file.read_text().split()
+        # DEPLOYD_LEASE_ID is the session id, "+" and the holder's key.
+        lease_id = handed_out_id.rpartition("+")[0]
         token = int(token_text)
         # The client binds the command's pid after starting it, so wait for the binding.
         wait_until(lambda: len(workstation.status()["leases"][0]["binding"]["pids"]) == 2)
@@ -292,17 +294,17 @@ def test_stopped_daemon_lease_expires_for_other_daemon(
         wait_until(lambda: len(other.local_queue("api")) == 1)
 
         assert stopped_daemon.stop() == 0
-        assert kept_lease_ids(stopped) == [lease["lease_id"]]
+        assert kept_lease_ids(stopped) == [lease["session_id"]]
         old = lock_row(shared_store, "api")
-        assert old["holder"] == lease["lease_id"]
+        assert old["holder"] == lease["session_id"]
         new_lease = waiter.lease()
 
         new = lock_row(shared_store, "api")
-        assert new["holder"] == new_lease["lease_id"]
+        assert new["holder"] == new_lease["session_id"]
         assert grant_time(new) >= old["expires_at"]
         assert new_lease["token"] == lease["token"] + 1
         assert holder.process.poll() is None
-        assert [row["outcome"] for row in deployments(shared_store, lease["lease_id"])] == [
+        assert [row["outcome"] for row in deployments(shared_store, lease["session_id"])] == [
             "expired"
         ]
     finally:
@@ -340,7 +342,7 @@ def test_stop_releases_lease_of_dead_holder(
         assert row["holder"] is None
         assert row["token"] == lease["token"]
         assert kept_lease_ids(workstation) == []
-        records = deployments(workstation.store_file, lease["lease_id"])
+        records = deployments(workstation.store_file, lease["session_id"])
         assert [record["outcome"] for record in records] == ["abandoned"]
     finally:
         holder.kill()

@@ -308,7 +308,7 @@ async def test_rpc_cost_of_each_operation(open_store: OpenStore, proxy: TcpProxy
         "renew": (1, 1),
         "renew of an older lease": (2, 2),
         "inspect": (1, 1),
-        "list_locks": (2, 2),
+        "list_locks": (3, 3),  # locks, queues and freezes
         "history": (1, 1),
         "enqueue": (2, 2),
         "dequeue": (1, 1),

@@ -42,7 +42,7 @@ PASS_ON_BOUND_SECONDS = TTL_SECONDS / 3
 STAMP = """
 import json, os, sys, time
 stamp = {
-    "lease_id": os.environ["DEPLOYD_LEASE_ID"],
+    "lease_id": os.environ["DEPLOYD_LEASE_ID"].rpartition("+")[0],
     "token": int(os.environ["DEPLOYD_FENCING_TOKEN"]),
     "started": time.monotonic(),
 }
@@ -164,7 +164,7 @@ def test_killed_run_and_command_pass_lock(
         elapsed = report_pass_on("run client and command killed", killed_at, stamp_file)
         assert elapsed < PASS_ON_BOUND_SECONDS
         assert json.loads(stamp_file.read_text())["token"] == lease["token"] + 1
-        assert deployment(workstation, lease["lease_id"])["outcome"] == "abandoned"
+        assert deployment(workstation, lease["session_id"])["outcome"] == "abandoned"
     finally:
         terminate(holder)
         kill_process_group(command_pid)
@@ -199,7 +199,7 @@ def test_killed_shell_passes_lock(
         elapsed = report_pass_on("holder shell killed", killed_at, stamp_file)
         assert elapsed < PASS_ON_BOUND_SECONDS
         assert json.loads(stamp_file.read_text())["token"] == lease["token"] + 1
-        assert deployment(workstation, lease["lease_id"])["outcome"] == "abandoned"
+        assert deployment(workstation, lease["session_id"])["outcome"] == "abandoned"
     finally:
         holder.kill()
         if waiter is not None:
@@ -240,7 +240,7 @@ def test_lease_follows_command_of_killed_run(
 
         lease_after_kill = lease_on(workstation, "api")
         assert lease_after_kill is not None
-        assert lease_after_kill["lease_id"] == lease["lease_id"]
+        assert lease_after_kill["session_id"] == lease["session_id"]
         assert lease_after_kill["binding"]["connections"] == 0
         busy = workstation.deployd("acquire", "api")
         assert busy.returncode == 75, busy.stderr
@@ -255,7 +255,7 @@ def test_lease_follows_command_of_killed_run(
         stamp = json.loads(stamp_file.read_text())
         assert stamp["started"] > released_at
         assert stamp["token"] == lease["token"] + 1
-        assert deployment(workstation, lease["lease_id"])["finished_at"] is not None
+        assert deployment(workstation, lease["session_id"])["finished_at"] is not None
     finally:
         terminate(holder)
         kill_process_group(command_pid)

@@ -505,12 +505,12 @@ def test_release_by_other_shell_rejected(
             assert "api is held by" in result.stderr
             assert lease_before["owner"]["user"] in result.stderr
             assert f"pid {holder.pid}" in result.stderr
-            assert lease_before["lease_id"] in result.stderr
+            assert lease_before["session_id"] in result.stderr
             assert len(result.stderr.splitlines()) == 1, result.stderr
 
             lease_after = held_lease(workstation, "api")
             assert lease_after is not None, "the rejected release freed the lock"
-            assert lease_after["lease_id"] == lease_before["lease_id"]
+            assert lease_after["session_id"] == lease_before["session_id"]
             assert lease_after["token"] == lease_before["token"]
             assert lease_after["purpose"]["reason"] == "deploy-7"
         finally:
@@ -534,11 +534,13 @@ def test_release_over_protocol_by_stranger(
             with raw_connection(workstation.socket) as stranger:
                 error = error_of(stranger.call("release", lock="api"))
             assert error["code"] == "not_holder"
-            assert lease_id in error["message"]
+            session_id, _, key = lease_id.rpartition("+")
+            assert session_id in error["message"]
+            assert key not in error["message"], "an error must not reveal the lease key"
 
             lease = held_lease(workstation, "api")
             assert lease is not None
-            assert lease["lease_id"] == lease_id
+            assert lease["session_id"] == session_id
         finally:
             assert shell.stdin is not None
             shell.stdin.close()

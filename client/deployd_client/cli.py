@@ -117,6 +117,12 @@ COMMANDS = (
                 convert=parse_duration,
                 default=10.0,
             ),
+            Option(
+                ["--capture-output"],
+                "pass the command's output through deployd and, when the command fails, send "
+                "its last 20 lines for the failure message in Slack; the command then writes "
+                "to pipes instead of the terminal",
+            ),
         ],
         usage="deployd run LOCK [options] -- COMMAND [ARG...]",
         takes_command=True,
@@ -164,6 +170,23 @@ COMMANDS = (
             ),
             Option(["--revision"], "the revision that was deployed", metavar="REV", convert=str),
         ],
+    ),
+    Command(
+        "event",
+        "report a milestone of the deploy that holds LOCK: 'deployed' with its revision",
+        positionals=[
+            Positional("lock", "LOCK", "the lock your deploy holds"),
+            Positional("event", "EVENT", "what happened; the only event is 'deployed'"),
+        ],
+        options=[
+            Option(
+                ["--revision"],
+                "the revision now serving traffic (required for 'deployed')",
+                metavar="REV",
+                convert=str,
+            ),
+        ],
+        usage="deployd event LOCK deployed --revision REV",
     ),
     Command(
         "force-unlock",
@@ -273,6 +296,8 @@ def _dispatch(args: Arguments, command: list[str]) -> int:
         return _acquire(args)
     if args.command == "release":
         return _release(args)
+    if args.command == "event":
+        return _event(args)
     if args.command == "status":
         return _status(args)
     if args.command == "force-unlock":
@@ -369,6 +394,9 @@ def _release(args: Arguments) -> int:
     fields: dict[str, Any] = {"exit_code": args.exit_code, "revision": args.revision}
     if "@" in target:
         fields["lease_id"] = target
+        if target == os.environ.get("DEPLOYD_LEASE_ID") and os.environ.get("DEPLOYD_LOCK"):
+            # Lets a daemon that replaced a killed one find the lease in the store.
+            fields["lock"] = os.environ["DEPLOYD_LOCK"]
     else:
         problem = lock_name_problem(target)
         if problem:
@@ -383,6 +411,25 @@ def _release(args: Arguments) -> int:
         warn(f"released {result['lock']} ({result['outcome']})")
     else:
         warn(result.get("message", "nothing to release"))
+    return exitcodes.OK
+
+
+def _event(args: Arguments) -> int:
+    from deployd_client.autostart import connect
+
+    problem = lock_name_problem(args.lock)
+    if problem:
+        raise UsageError(problem)
+    if args.event != "deployed":
+        raise UsageError(f"unknown event {args.event!r}; the only event is 'deployed'")
+    if not args.revision:
+        raise UsageError("'deployed' needs --revision REV: the revision now serving traffic")
+    fields: dict[str, Any] = {"lock": args.lock, "event": args.event, "revision": args.revision}
+    env_lease = os.environ.get("DEPLOYD_LEASE_ID")
+    if env_lease and os.environ.get("DEPLOYD_LOCK") == args.lock:
+        fields["lease_id"] = env_lease
+    with connect() as connection:
+        connection.request("event", timeout=RESPONSE_TIMEOUT, **fields)
     return exitcodes.OK
 
 

@@ -139,6 +139,34 @@ class WaitDisplay:
             self.quiet = True
 
 
+def notification_lines(health: dict[str, Any] | None) -> list[str]:
+    """Render the notifier's part of ``status``: on or off, counts, and what to fix."""
+    if not health:
+        return []
+    if not health.get("configured"):
+        return [f"slack    off: {health.get('hint', 'no token or webhook URL is configured')}"]
+    if health.get("error"):
+        return [f"slack    {health['error']}"]
+    where = f"{health.get('channel')} by {health.get('mode')} ({health.get('credentials')})"
+    counts = (
+        f"{health.get('queued', 0)} queued, {health.get('sent', 0)} sent, "
+        f"{health.get('failed', 0)} failed"
+    )
+    if health.get("parked"):
+        counts += f", {health['parked']} parked"
+    oldest = health.get("oldest_queued_age")
+    if oldest is not None:
+        counts += f"; oldest waiting {format_duration(float(oldest))}"
+    lines = [f"slack    {where}: {counts}"]
+    problem = health.get("problem")
+    if problem:
+        lines.append(f"         STOPPED: {problem.get('message')}")
+        lines.append(f"         fix: {problem.get('fix')}")
+    elif health.get("last_error") and (health.get("queued") or health.get("retry_in")):
+        lines.append(f"         last error: {health['last_error']}")
+    return lines
+
+
 def status_text(status: dict[str, Any], color: bool = False) -> str:
     """Render the result of the ``status`` op as aligned text."""
     daemon = status.get("daemon", {})
@@ -154,6 +182,7 @@ def status_text(status: dict[str, Any], color: bool = False) -> str:
     latency = store.get("latency")
     latency_text = f", last call {format_duration(float(latency))}" if latency is not None else ""
     lines.append(f"store    {store.get('kind')} at {store.get('location')}: {state}{latency_text}")
+    lines.extend(notification_lines(status.get("notifications")))
     lines.append("")
 
     locks = status.get("locks", [])
@@ -201,4 +230,43 @@ def status_text(status: dict[str, Any], color: bool = False) -> str:
         if index == 0 and color:
             text = f"\x1b[1m{text}\x1b[0m"
         lines.append(text)
+    return "\n".join(lines)
+
+
+_COLOR_CODES = {"red": "31", "green": "32", "yellow": "33", "cyan": "36", "bold": "1", "dim": "2"}
+
+
+def paint(text: str, color: str, enabled: bool) -> str:
+    """Wrap ``text`` in the ANSI code of ``color`` when ``enabled``; unknown colors are ignored."""
+    code = _COLOR_CODES.get(color)
+    if not enabled or code is None:
+        return text
+    return f"\x1b[{code}m{text}\x1b[0m"
+
+
+def visible_length(text: str) -> int:
+    """Return the length of ``text`` on a terminal, without its ANSI color codes."""
+    length = 0
+    inside = False
+    for char in text:
+        if char == "\x1b":
+            inside = True
+        elif inside:
+            inside = char != "m"
+        else:
+            length += 1
+    return length
+
+
+def table(rows: list[list[str]], color: bool = False) -> str:
+    """Align ``rows`` in columns two spaces apart; the first row is the header."""
+    widths = [max(visible_length(row[column]) for row in rows) for column in range(len(rows[0]))]
+    lines = []
+    for index, row in enumerate(rows):
+        cells = [
+            cell + " " * (width - visible_length(cell))
+            for cell, width in zip(row, widths, strict=True)
+        ]
+        text = "  ".join(cells).rstrip()
+        lines.append(paint(text, "bold", color) if index == 0 else text)
     return "\n".join(lines)

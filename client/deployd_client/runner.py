@@ -45,6 +45,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal
     from typing import Any
+
+    from deployd_client.capture import OutputCapture
 else:
     # The C module behind ``signal``: the Python wrapper builds enums at import,
     # which costs every ``deployd run`` time for no benefit here.
@@ -180,6 +182,11 @@ class _Run:
         self.confirmed_at: float | None = None
         self.renew_deadline = 0.0
         self.group_notice_shown = False
+        self.capture: OutputCapture | None = None
+        if args.capture_output:
+            from deployd_client.capture import OutputCapture
+
+            self.capture = OutputCapture()
 
     def main(self) -> int:
         try:
@@ -192,6 +199,8 @@ class _Run:
         finally:
             if self.connection is not None:
                 self.connection.close()
+            if self.capture is not None:
+                self.capture.close()
 
     # --- taking the lock ---
 
@@ -241,7 +250,12 @@ class _Run:
         env["DEPLOYD_FENCING_TOKEN"] = str(self.lease["token"])
         try:
             self.child_pid = os.posix_spawnp(
-                self.command[0], self.command, env, setpgroup=0, setsigdef=RESET_SIGNALS
+                self.command[0],
+                self.command,
+                env,
+                setpgroup=0,
+                setsigdef=RESET_SIGNALS,
+                file_actions=self.capture.file_actions() if self.capture is not None else (),
             )
         except FileNotFoundError:
             self.exit_code = 127
@@ -255,6 +269,8 @@ class _Run:
             self.exit_code = 126
             warn(f"cannot run {self.command[0]}: {exc.strerror or exc}")
             return
+        if self.capture is not None:
+            self.capture.spawned()
         self.terminal.hand_to(self.child_pid)
         assert self.connection is not None
         try:
@@ -285,15 +301,21 @@ class _Run:
                 ready = self._select(self._watched(), self._timeout())
                 if self.wakeup in ready:
                     self._forward(read_signals(self.wakeup))
+                if self.capture is not None:
+                    self.capture.pump(ready)
                 if self.connection is not None:
                     self._read_daemon()
         finally:
             self.terminal.take_back()
+            if self.capture is not None:
+                self.capture.drain()
 
     def _watched(self) -> list[int]:
         watched = [self.wakeup]
         if self.connection is not None:
             watched.append(self.connection.fileno())
+        if self.capture is not None:
+            watched.extend(self.capture.fds())
         return watched
 
     def _timeout(self) -> float | None:
@@ -483,6 +505,7 @@ class _Run:
                     timeout=max(0.1, deadline - time.monotonic()),
                     lease_id=self.lease["lease_id"],
                     exit_code=exit_code,
+                    output_tail=self._output_tail(exit_code),
                 )
                 return
             except DaemonError as exc:
@@ -499,6 +522,12 @@ class _Run:
             f"could not report the end of the deploy to the daemon; the lease on "
             f"{self.lock} ends when the daemon sees this process gone"
         )
+
+    def _output_tail(self, exit_code: int) -> list[str] | None:
+        """Return the command's last lines of output for a failed release, when captured."""
+        if self.capture is None or exit_code == 0:
+            return None
+        return self.capture.tail() or None
 
     # --- helpers ---
 

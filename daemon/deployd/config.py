@@ -98,7 +98,11 @@ class LeaseConfig:
 
 @dataclass(frozen=True, slots=True)
 class SlackConfig:
-    """The ``[slack]`` section. Slack is off unless a token or webhook URL is configured."""
+    """The ``[slack]`` section. Slack is off unless a token or webhook URL is configured.
+
+    ``commit_url`` and ``revision_url`` are link templates whose placeholders
+    are listed in LINK_PLACEHOLDERS. ``timeout`` bounds each request to Slack.
+    """
 
     channel: str = DEFAULT_CHANNEL
     token_file: str | None = None
@@ -106,6 +110,7 @@ class SlackConfig:
     api_url: str | None = None
     commit_url: str | None = None
     revision_url: str | None = None
+    timeout: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +180,13 @@ def _duration(value: object) -> float:
     raise ValueError(f"must be a duration such as 30s or 10m, got {type(value).__name__}")
 
 
+def _signed_duration(value: object) -> float:
+    """Parse a duration that may be negative, such as ``-10m`` for a clock that is behind."""
+    if isinstance(value, str) and value.strip().startswith("-"):
+        return -_duration(value.strip()[1:])
+    return _duration(value)
+
+
 def _positive_duration(value: object) -> float:
     seconds = _duration(value)
     if seconds <= 0:
@@ -214,12 +226,57 @@ def _log_level(value: object) -> str:
     return text
 
 
+# The placeholders of slack.commit_url and slack.revision_url: ``service`` is
+# the lock name after its last ``:`` and ``environment`` the part before it
+# (empty when the lock has no ``:``), so ``prod:api`` gives ``api`` and ``prod``.
+LINK_PLACEHOLDERS = ("lock", "service", "environment", "commit", "revision")
+
+
+def _channel(value: object) -> str:
+    text = _string(value).strip()
+    if not text or any(char.isspace() for char in text):
+        raise ValueError(
+            "must be a channel name such as #deploys or a channel ID such as C0123ABCD"
+        )
+    return text
+
+
+def _http_url(value: object) -> str:
+    text = _string(value).strip()
+    if not text.startswith(("http://", "https://")) or len(text) <= len("https://"):
+        raise ValueError("must be an http:// or https:// URL")
+    return text
+
+
+def _link_template(*required: str) -> Callable[[object], str]:
+    """Return a parser for a link template that uses one of ``required``."""
+
+    def parse(value: object) -> str:
+        import string
+
+        text = _http_url(value)
+        try:
+            fields = [item[1:] for item in string.Formatter().parse(text) if item[1] is not None]
+        except ValueError as exc:
+            raise ValueError(f"is not a valid template: {exc}") from None
+        known = ", ".join("{" + name + "}" for name in LINK_PLACEHOLDERS)
+        for name, spec, conversion in fields:
+            if name not in LINK_PLACEHOLDERS or spec or conversion:
+                raise ValueError(f"uses {{{name}}}; the placeholders are {known}")
+        if not any(name in required for name, _, _ in fields):
+            wanted = " or ".join("{" + name + "}" for name in required)
+            raise ValueError(f"must contain {wanted}")
+        return text
+
+    return parse
+
+
 # Every key: (section, name) -> parser. The environment variable is
 # DEPLOYD_ + SECTION_ + NAME in upper case, for example DEPLOYD_LEASE_TTL.
 _KEYS: dict[tuple[str | None, str], Callable[[object], Any]] = {
     (None, "on_store_error"): _choice("open", "closed"),
     (None, "state_dir"): _path,
-    (None, "clock_offset"): _duration,
+    (None, "clock_offset"): _signed_duration,
     ("store", "kind"): _choice("sqlite", "firestore"),
     ("store", "path"): _path,
     ("store", "project"): _string,
@@ -232,12 +289,13 @@ _KEYS: dict[tuple[str | None, str], Callable[[object], Any]] = {
     ("lease", "renew_every"): _positive_duration,
     ("lease", "renew_deadline"): _positive_duration,
     ("lease", "max_hold"): _positive_duration,
-    ("slack", "channel"): _string,
+    ("slack", "channel"): _channel,
     ("slack", "token_file"): _path,
     ("slack", "webhook_url_file"): _path,
-    ("slack", "api_url"): _string,
-    ("slack", "commit_url"): _string,
-    ("slack", "revision_url"): _string,
+    ("slack", "api_url"): _http_url,
+    ("slack", "commit_url"): _link_template("commit"),
+    ("slack", "revision_url"): _link_template("revision", "service"),
+    ("slack", "timeout"): _positive_duration,
     ("log", "level"): _log_level,
     ("log", "file"): _path,
     ("server", "half_line_timeout"): _positive_duration,

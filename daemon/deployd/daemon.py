@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import stat
 import sys
 import time
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 
 import anyio
-from anyio.abc import SocketListener
+from anyio.abc import SocketListener, TaskGroup
 
 from deployd import __version__
 from deployd.config import Config
@@ -30,6 +31,7 @@ from deployd.coordinator import HeldLease
 from deployd.errors import ConfigError, DeploydError, StoreError
 from deployd.handlers import DaemonInfo, Ops
 from deployd.models import Outcome, OutcomeStatus
+from deployd.notifiers import Notifier, create_notifier
 from deployd.processes import is_alive
 from deployd.server import Limits, Server
 from deployd.service import Binding, LeaseService
@@ -43,6 +45,11 @@ logger = logging.getLogger("deployd.daemon")
 # How long a starting daemon waits for a stopping one to let go of the
 # daemon lock (a restart), before it gives up.
 LOCK_WAIT = 10.0
+# How often the daemon checks that its socket file still exists.
+SOCKET_CHECK_INTERVAL = 2.0
+# How long a stopping daemon lets the notifier send the messages that are due;
+# the rest stays in the outbox for the next daemon.
+NOTIFIER_FLUSH_TIMEOUT = 2.0
 
 
 class StartupError(Exception):
@@ -72,9 +79,19 @@ def check_socket_dir(directory: str) -> None:
             exitcodes.NO_PERMISSION,
         )
     if stat.S_IMODE(info.st_mode) & 0o077:
+        # chmod is the fix for a directory of the user's own, never for a
+        # shared one such as /, /etc or /tmp (top-level or sticky directories).
+        shared = os.path.dirname(directory.rstrip("/")) in ("", "/") or bool(
+            info.st_mode & stat.S_ISVTX
+        )
+        fix = (
+            "set DEPLOYD_SOCKET to a path in a private directory of your own"
+            if shared
+            else f"run 'chmod 700 {directory}'"
+        )
         raise StartupError(
             f"socket directory {directory} is open to other users "
-            f"(mode {stat.S_IMODE(info.st_mode):o}); run 'chmod 700 {directory}'",
+            f"(mode {stat.S_IMODE(info.st_mode):o}); {fix}",
             exitcodes.NO_PERMISSION,
         )
 
@@ -206,10 +223,22 @@ class Daemon:
                 raise StartupError(
                     f"cannot open the lease store: {exc}", exitcodes.UNAVAILABLE
                 ) from exc
-            state = LocalState(os.path.join(self.config.state_dir, "daemon.sqlite3"))
+            state_path = os.path.join(self.config.state_dir, "daemon.sqlite3")
+            try:
+                state = LocalState(state_path)
+            except (OSError, sqlite3.Error) as exc:
+                raise StartupError(
+                    f"cannot open the daemon's state file {state_path}: {exc}; make "
+                    f"{self.config.state_dir} a writable directory, or set DEPLOYD_STATE_DIR",
+                    exitcodes.CONFIG,
+                ) from exc
             cleanup.callback(state.close)
+            # Reads the Slack credentials: a token file open to others stops the start here.
+            notifier = create_notifier(self.config, state_path)
 
             service = LeaseService(self.config, store, self.daemon_id)
+            if notifier is not None:
+                service.events.subscribe(notifier.accept)
             info = DaemonInfo(
                 daemon_id=self.daemon_id,
                 socket_path=self.socket_path,
@@ -218,15 +247,17 @@ class Daemon:
                 store_location=_store_location(self.config),
             )
             server = Server(
-                Ops(service, info).table(),
+                Ops(service, info, notifier).table(),
                 limits=Limits(half_line_timeout=self.config.server.half_line_timeout),
                 on_close=service.unbind_connection,
             )
             try:
-                await self._serve(service, server, state, ready)
+                await self._serve(service, server, state, ready, notifier=notifier)
             finally:
                 with anyio.CancelScope(shield=True):
                     await store.aclose()
+                    if notifier is not None:
+                        await notifier.aclose()
         logger.info("daemon stopped: daemon_id=%s", self.daemon_id)
         return exitcodes.OK
 
@@ -236,16 +267,19 @@ class Daemon:
         server: Server,
         state: LocalState,
         ready: Callable[[], None] | None,
+        notifier: Notifier | None = None,
     ) -> None:
         async with anyio.create_task_group() as task_group:
             await task_group.start(service.run)
+            if notifier is not None:
+                await task_group.start(notifier.run)
             await self._resume(service, state)
 
-            raw = bind_listener(self.socket_path)
-            listener = await SocketListener.from_socket(raw)
+            listeners: list[SocketListener] = []
             async with anyio.create_task_group() as connections:
-                connections.start_soon(server.serve, listener, connections)
+                inode = await self._listen(server, connections, listeners)
                 task_group.start_soon(self._watch_signals)
+                task_group.start_soon(self._guard_socket, server, connections, listeners, inode)
                 logger.info(
                     "daemon started: version=%s pid=%d daemon_id=%s socket=%s store=%s",
                     __version__,
@@ -260,13 +294,67 @@ class Daemon:
                 await self._stop.wait()
 
                 logger.info("stopping: no new connections")
-                await listener.aclose()
+                for listener in listeners:
+                    await listener.aclose()
                 kept = await service.stop()
-                state.save_kept([_kept_record(held, binding) for held, binding in kept])
+                state.save_kept(
+                    self.socket_path, [_kept_record(held, binding) for held, binding in kept]
+                )
                 state.save_owed(service.unlocked.owed)
+                if notifier is not None:
+                    await notifier.flush(NOTIFIER_FLUSH_TIMEOUT)
                 _remove_socket(self.socket_path)
                 connections.cancel_scope.cancel()
             task_group.cancel_scope.cancel()
+
+    async def _listen(
+        self, server: Server, connections: TaskGroup, listeners: list[SocketListener]
+    ) -> int:
+        """Create the socket file and serve it; return the socket file's inode."""
+        raw = bind_listener(self.socket_path)
+        listener = await SocketListener.from_socket(raw)
+        listeners.append(listener)
+        connections.start_soon(server.serve, listener, connections)
+        return os.lstat(self.socket_path).st_ino
+
+    async def _guard_socket(
+        self,
+        server: Server,
+        connections: TaskGroup,
+        listeners: list[SocketListener],
+        inode: int,
+    ) -> None:
+        """Create the socket file again if someone deletes it, so clients can still connect.
+
+        Without this, a daemon whose socket file was removed keeps running and
+        holding the daemon lock, and no client can reach it or replace it.
+        """
+        while True:
+            await anyio.sleep(SOCKET_CHECK_INTERVAL)
+            if self._stop is not None and self._stop.is_set():
+                return  # the stop sequence removes the socket file on purpose
+            try:
+                info = os.lstat(self.socket_path)
+            except FileNotFoundError:
+                info = None
+            except OSError as exc:
+                logger.warning("cannot check the socket file %s: %s", self.socket_path, exc)
+                continue
+            if info is not None and info.st_ino == inode:
+                continue
+            if info is not None:
+                logger.error(
+                    "the socket file %s was replaced by another file; leaving it alone, so "
+                    "clients cannot reach this daemon (pid %d) until it is removed",
+                    self.socket_path,
+                    os.getpid(),
+                )
+                continue
+            logger.warning("the socket file %s was deleted; creating it again", self.socket_path)
+            try:
+                inode = await self._listen(server, connections, listeners)
+            except StartupError as exc:
+                logger.error("cannot create the socket file again: %s", exc)
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -283,7 +371,7 @@ class Daemon:
         service.unlocked.owe(state.take_owed())
         boot_id = LocalState.boot_id()
         now = time.monotonic()
-        for kept in state.take_kept():
+        for kept in state.take_kept(self.socket_path):
             lease = kept.lease
             alive = tuple(identity for identity in kept.processes if is_alive(identity))
             valid = kept.boot_id == boot_id and (
@@ -303,7 +391,7 @@ class Daemon:
                     unlocked_reason=kept.unlocked_reason,
                     next_upgrade_at=now if kept.unlocked_since is not None else None,
                 )
-                binding = Binding(lease_id=lease.holder, kind=kept.binding_kind)
+                binding = Binding(lease_id=lease.holder, kind=kept.binding_kind, key=kept.key)
                 binding.processes = {identity.pid: identity for identity in alive}
                 service.adopt(held, binding)
                 continue
@@ -345,6 +433,7 @@ def _kept_record(held: HeldLease, binding: Binding) -> KeptLease:
         takeover=held.takeover,
         unlocked_since=held.unlocked_since if held.degraded else None,
         unlocked_reason=held.unlocked_reason if held.degraded else None,
+        key=binding.key,
     )
 
 
@@ -390,7 +479,11 @@ def serve_main(config_path: str | None = None) -> int:
     socket_path = paths.socket_path()
     try:
         daemon = Daemon(config, socket_path)
-        return anyio.run(daemon.run)
+        try:
+            return anyio.run(daemon.run)
+        except BaseExceptionGroup as group:
+            # Task groups wrap errors; report the first one the user can act on.
+            raise _first_reportable(group) from group
     except StartupError as exc:
         logger.error("cannot start: %s", exc)
         print(f"deployd serve: {exc}", file=sys.stderr)
@@ -404,3 +497,20 @@ def serve_main(config_path: str | None = None) -> int:
         return exitcodes.for_error_code(exc.code)
     except KeyboardInterrupt:
         return exitcodes.OK
+    except (OSError, sqlite3.Error) as exc:
+        logger.exception("daemon failed")
+        print(f"deployd serve: failed: {exc}; see the log for details", file=sys.stderr)
+        return exitcodes.INTERNAL
+
+
+def _first_reportable(group: BaseExceptionGroup) -> BaseException:
+    """Return the first StartupError or DeploydError in ``group``, else its first error."""
+    for exception in group.exceptions:
+        if isinstance(exception, BaseExceptionGroup):
+            found = _first_reportable(exception)
+        else:
+            found = exception
+        if isinstance(found, StartupError | DeploydError | paths.SocketPathTooLong):
+            return found
+    first = group.exceptions[0]
+    return _first_reportable(first) if isinstance(first, BaseExceptionGroup) else first

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
+import hmac
 import logging
 import os
 import pwd
+import re
+import sqlite3
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -24,6 +27,7 @@ from deployd.errors import (
     StoreUnavailable,
 )
 from deployd.models import Outcome, Owner, Purpose
+from deployd.notifiers import Notifier, notifier_off
 from deployd.processes import ancestors, parent_pid
 from deployd.server import PROTOCOL_VERSIONS, Connection, Handler
 from deployd.service import AcquireSpec, LeaseService
@@ -34,7 +38,17 @@ from deployd_client.names import lock_name_problem
 logger = logging.getLogger("deployd.handlers")
 
 MAX_WAIT = 7 * 86400.0
+# A lease id as handed to its holder: the session id, "+", and a secret key.
+# Session ids are shown to everyone (status, errors); the key proves that a
+# request comes from the holder.
+LEASE_KEY_SEPARATOR = "+"
 MAX_TEXT = {"reason": 1000, "commit": 200, "revision": 200, "force_reason": 1000}
+# The last lines of a command's output that a release may carry, for the
+# failure message in Slack: how many, and how long each may be.
+OUTPUT_TAIL_LINES = 20
+OUTPUT_LINE_LENGTH = 300
+# Terminal escape sequences (colours, cursor moves, titles) in captured output.
+_ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|.)")
 STATUS_SCHEMA = 1
 
 
@@ -83,9 +97,10 @@ class Params:
         limit = MAX_TEXT.get(name)
         if limit is not None and len(value) > limit:
             raise InvalidArgument(f"{name} is {len(value)} characters long; the maximum is {limit}")
-        if any(ord(char) < 32 or ord(char) == 127 for char in value):
+        if any(_is_control(char) for char in value):
             raise InvalidArgument(
-                f"{name} {value!r} contains control characters; use one plain line"
+                f"{name} {value!r} contains control characters or text-direction marks; "
+                "use one plain line"
             )
         return value
 
@@ -143,6 +158,30 @@ class Params:
             raise InvalidArgument(f"{name} must be true or false, got {_kind(value)} {value!r}")
         return value
 
+    def output_lines(self, name: str) -> tuple[str, ...] | None:
+        """Return an optional list of output lines, cleaned for display.
+
+        Only the type is checked strictly: terminal escapes and control
+        characters are removed rather than rejected, because a release must
+        not fail over what a command printed. The last OUTPUT_TAIL_LINES
+        lines are kept, each cut to OUTPUT_LINE_LENGTH characters.
+        """
+        value = self._request.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(line, str) for line in value):
+            raise InvalidArgument(f"{name} must be an array of strings, got {_kind(value)}")
+        return tuple(_clean_output_line(line) for line in value[-OUTPUT_TAIL_LINES:])
+
+
+def _clean_output_line(line: str) -> str:
+    """Return one line of output without escapes, overwritten parts or control characters."""
+    text = _ESCAPE_SEQUENCE.sub("", line)
+    # A carriage return starts the line over, as a progress bar does on a terminal.
+    text = text.rstrip("\r\n").rpartition("\r")[2].replace("\t", "    ")
+    text = "".join(char for char in text if not _is_control(char))
+    return text[:OUTPUT_LINE_LENGTH]
+
 
 def _kind(value: object) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(
@@ -166,9 +205,12 @@ def _user_name(uid: int) -> str:
 class Ops:
     """The op handlers of one daemon, bound to its lease service."""
 
-    def __init__(self, service: LeaseService, info: DaemonInfo) -> None:
+    def __init__(
+        self, service: LeaseService, info: DaemonInfo, notifier: Notifier | None = None
+    ) -> None:
         self.service = service
         self.info = info
+        self.notifier = notifier
         self.host = short_hostname()
 
     def table(self) -> dict[str, Handler]:
@@ -179,6 +221,7 @@ class Ops:
             "hold": self.hold,
             "bind": self.bind,
             "release": self.release,
+            "event": self.event,
             "status": self.status,
             "locks": self.locks,
             "force_unlock": self.force_unlock,
@@ -228,12 +271,45 @@ class Ops:
         """Take a lock bound to this connection, or re-attach to a kept lease (``attach``)."""
         attach = Params(request).text("attach")
         if attach is not None:
-            held = self.service.bind_connection(attach, connection)
-            connection.bound_leases.add(held.lease_id)
-            logger.info("client re-attached: lock=%s session=%s", held.lock, held.lease_id)
-            return self._lease_result(held)
+            return await self._attach(connection, attach, request)
         spec = self._spec(connection, request, "connection")
         held = await self._acquire(connection, spec, request)
+        return self._lease_result(held)
+
+    async def _attach(
+        self, connection: Connection, lease_id: str, request: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Bind a client's connection again to its lease, after the daemon restarted.
+
+        A lease this daemon does not know (its predecessor was killed and kept
+        nothing) is taken over from the store when the store still shows it,
+        valid, and the client is the process the lease was bound to.
+        """
+        session, key = split_lease_id(lease_id)
+        if self.service.coordinator.lease(session) is None and self.service.ended(session) is None:
+            lease = request.get("lease")
+            lock = lease.get("lock") if isinstance(lease, dict) else None
+            if lock_name_problem(lock) is not None:
+                raise NotHolder(f"no lease {session} is held by this daemon; see 'deployd status'")
+            pids = request.get("pids")
+            if not isinstance(pids, list) or not all(
+                isinstance(pid, int) and not isinstance(pid, bool) for pid in pids
+            ):
+                pids = []
+            assert isinstance(lock, str)
+            await self.service.adopt_from_store(lock, session, key, connection.peer_pid, pids)
+        elif self.service.coordinator.lease(session) is None:
+            ended = self.service.ended(session)
+            assert ended is not None
+            if ended.error is not None:
+                raise await self._lost_error(ended.lock, ended.error)
+            raise NotHolder(
+                f"lease {session} on {ended.lock} already ended ({ended.outcome.status})"
+            )
+        self._check_owner(connection, lease_id, lease_id_given=True)
+        held = self.service.bind_connection(session, connection)
+        connection.bound_leases.add(held.lease_id)
+        logger.info("client re-attached: lock=%s session=%s", held.lock, held.lease_id)
         return self._lease_result(held)
 
     async def _acquire(
@@ -259,14 +335,16 @@ class Ops:
             raise InvalidArgument("missing field 'pid': the process to bind the lease to")
         assert lease_id is not None
         self._check_owner(connection, lease_id, lease_id_given=True)
-        held = self.service.bind_process(lease_id, pid)
+        held = self.service.bind_process(split_lease_id(lease_id)[0], pid)
         return self._lease_result(held)
 
     def _lease_result(self, held: HeldLease) -> dict[str, Any]:
         binding = self.service.binding(held.lease_id)
+        key = binding.key if binding is not None else None
         return {
             "lease": held.lease.to_json(),
-            "lease_id": held.lease_id,
+            "lease_id": f"{held.lease_id}{LEASE_KEY_SEPARATOR}{key}" if key else held.lease_id,
+            "session_id": held.lease_id,
             "lock": held.lock,
             "token": held.lease.token,
             "takeover": str(held.takeover),
@@ -294,19 +372,24 @@ class Ops:
         exit_code = params.integer("exit_code", minimum=0, maximum=255)
         revision = params.text("revision")
         outcome = Outcome.from_exit_code(exit_code, revision)
+        output_tail = params.output_lines("output_tail")
+        if output_tail:
+            outcome = replace(outcome, output_tail=output_tail)
 
         if lease_id is not None:
+            given = lease_id
+            lease_id, _key = split_lease_id(given)
             held = self.service.coordinator.lease(lease_id)
             if held is None:
-                return await self._release_unknown(lease_id, lock)
+                return await self._release_unknown(connection, lease_id, lock, outcome)
             if lock is not None and held.lock != lock:
                 raise InvalidArgument(f"lease {lease_id} is on {held.lock}, not on {lock}")
-            self._check_owner(connection, lease_id, lease_id_given=True)
+            self._check_owner(connection, given, lease_id_given=True)
         else:
             assert lock is not None
             held_here = self.service.holder_of(lock)
             if held_here is None:
-                return await self._release_not_here(lock)
+                return await self._release_not_here(connection, lock)
             self._check_owner(connection, held_here.lease_id, lease_id_given=False)
             lease_id = held_here.lease_id
 
@@ -322,13 +405,25 @@ class Ops:
     def _check_owner(self, connection: Connection, lease_id: str, lease_id_given: bool) -> None:
         """Allow a change to a lease only by its holder.
 
-        The holder is whoever names the lease id (it is handed only to the
-        holder, in DEPLOYD_LEASE_ID), a client on a connection bound to the
-        lease, or a process running under one of the lease's bound processes.
+        The holder is a client that names the lease id with its key (handed
+        only to the holder, in DEPLOYD_LEASE_ID), a client on a connection
+        bound to the lease, or a process running under one of the lease's
+        bound processes. ``lease_id_given`` says that ``lease_id`` came from
+        the request, so its key is checked.
         """
-        if lease_id_given or lease_id in connection.bound_leases:
-            return
+        lease_id, key = split_lease_id(lease_id)
         binding = self.service.binding(lease_id)
+        key_matches = (
+            lease_id_given
+            and key is not None
+            and binding is not None
+            and bool(binding.key)
+            and hmac.compare_digest(key, binding.key)
+        )
+        if key_matches:
+            return
+        if lease_id in connection.bound_leases:
+            return
         peer_pid = connection.peer_pid
         if binding is not None and peer_pid is not None:
             lineage = {peer_pid, *ancestors(peer_pid)}
@@ -344,13 +439,27 @@ class Ops:
         )
         raise NotHolder(
             f"{lock} is held by {holder}, not by this shell; release it from the shell that "
-            f"took it, name the lease id (deployd release {lease_id}), or take it with "
+            f"took it (its DEPLOYD_LEASE_ID), or take it with "
             f"'deployd force-unlock {lock} --reason TEXT'"
         )
 
-    async def _release_unknown(self, lease_id: str, lock: str | None) -> dict[str, Any]:
+    async def _release_unknown(
+        self, connection: Connection, lease_id: str, lock: str | None, outcome: Outcome
+    ) -> dict[str, Any]:
         ended = self.service.ended(lease_id)
         if ended is None:
+            released = None
+            if lock is not None:
+                released = await self.service.release_from_store(
+                    lock, lease_id, connection.peer_pid, outcome
+                )
+            if released is not None:
+                return {
+                    "released": True,
+                    "lock": released.lock,
+                    "lease_id": lease_id,
+                    "outcome": str(outcome.status),
+                }
             raise NotHolder(f"no lease {lease_id} is held by this daemon; see 'deployd status'")
         if ended.error is None:
             return {
@@ -383,7 +492,14 @@ class Ops:
             now_held = f"; {lock} is not held by anyone now"
         return LeaseLost(lock, f"{error}{now_held}", current)
 
-    async def _release_not_here(self, lock: str) -> dict[str, Any]:
+    async def _release_not_here(self, connection: Connection, lock: str) -> dict[str, Any]:
+        # A script that releases by the lock's name after its lease was lost
+        # learns of the loss, as it would by naming the lease id.
+        peer_pid = connection.peer_pid
+        if peer_pid is not None:
+            lost = self.service.lost_lease_of(lock, {peer_pid, *ancestors(peer_pid)})
+            if lost is not None and lost.error is not None:
+                raise await self._lost_error(lock, lost.error)
         state = await self._inspect(lock)
         lease = state.lease if state else None
         if lease is not None and not lease.expired:
@@ -466,7 +582,7 @@ class Ops:
             leases.append(
                 {
                     "lock": held.lock,
-                    "lease_id": held.lease_id,
+                    "session_id": held.lease_id,
                     "token": held.lease.token,
                     "binding": binding.to_json() if binding else None,
                     "last_renewal_age": round(now - held.confirmed_at, 3),
@@ -480,7 +596,66 @@ class Ops:
             "store": store,
             "locks": locks,
             "leases": leases,
+            "notifications": self._notifications(),
         }
+
+    def _notifications(self) -> dict[str, Any]:
+        """Return the notifier's health for ``status``, or why there is none."""
+        if self.notifier is None:
+            return notifier_off(self.service.config)
+        try:
+            return self.notifier.health()
+        except sqlite3.Error as exc:
+            logger.warning("cannot read the notifier's outbox for status: %s", exc)
+            return {"configured": True, "error": f"cannot read the outbox: {exc}"}
+
+    # --- deploy milestones ---
+
+    async def event(self, connection: Connection, request: dict[str, Any]) -> dict[str, Any]:
+        """Report a milestone of the caller's own deploy: ``deployed`` with its revision.
+
+        Only the lease's holder may report, by the same rule as ``release``.
+        """
+        params = Params(request)
+        lock = params.lock()
+        name = params.text("event", required=True)
+        if name != "deployed":
+            raise InvalidArgument(f"unknown event {name!r}; the only event is 'deployed'")
+        revision = params.text("revision")
+        if not revision:
+            raise InvalidArgument("the deployed event needs a revision: --revision REV")
+        held = self.service.holder_of(lock)
+        if held is None:
+            raise NotHolder(
+                f"{lock} is not held by a deploy on this workstation; run 'deployd event' "
+                "from inside the deploy that holds the lock"
+            )
+        lease_id = params.text("lease_id")
+        if lease_id is not None and split_lease_id(lease_id)[0] == held.lease_id:
+            self._check_owner(connection, lease_id, lease_id_given=True)
+        else:
+            self._check_owner(connection, held.lease_id, lease_id_given=False)
+        self.service.report_deployed(held.lease_id, revision)
+        return {"lock": lock, "session_id": held.lease_id, "event": name, "revision": revision}
 
 
 __all__ = ["DaemonInfo", "InvalidRequest", "Ops"]
+
+
+def split_lease_id(text: str) -> tuple[str, str | None]:
+    """Split a lease id as handed to a holder into the session id and the key, if any."""
+    session, separator, key = text.rpartition(LEASE_KEY_SEPARATOR)
+    if not separator:
+        return text, None
+    return session, key or None
+
+
+# Characters that change how text around them is shown: bidirectional
+# embeddings, overrides and isolates (Unicode UAX #9).
+_TEXT_DIRECTION = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _is_control(char: str) -> bool:
+    """Return whether ``char`` is a C0 or C1 control character, DEL or a text-direction mark."""
+    code = ord(char)
+    return code < 32 or 127 <= code < 160 or char in _TEXT_DIRECTION

@@ -92,7 +92,8 @@ class Lease:
     def to_json(self) -> dict[str, Any]:
         """Return the lease as a JSON-ready dict for the protocol."""
         data = asdict(self)
-        data["lease_id"] = self.holder
+        # The session id is public; the lease id with its key goes only to the holder.
+        data["session_id"] = self.holder
         del data["version"]
         return data
 

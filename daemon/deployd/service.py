@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -60,7 +61,7 @@ from deployd.models import (
     Purpose,
     Takeover,
 )
-from deployd.processes import ProcessIdentity, identify, is_alive, wait_for_exit
+from deployd.processes import ProcessIdentity, ancestors, identify, is_alive, wait_for_exit
 from deployd.sessions import new_acquisition_id, new_session_id
 from deployd.stores.base import LeaseStore
 from deployd.unlocked import UnlockedDeploys, overlap_event
@@ -95,6 +96,7 @@ class Binding:
 
     lease_id: str
     kind: str
+    key: str = ""
     connections: set[Any] = field(default_factory=set)
     processes: dict[int, ProcessIdentity] = field(default_factory=dict)
     watchers: dict[int, anyio.CancelScope] = field(default_factory=dict)
@@ -128,11 +130,15 @@ class _Pending:
 
 @dataclass(frozen=True, slots=True)
 class EndedLease:
-    """What is remembered of a lease after it ended."""
+    """What is remembered of a lease after it ended.
+
+    ``pids`` are the processes that the lease was still bound to when it ended.
+    """
 
     lock: str
     outcome: Outcome
     error: LeaseLost | None
+    pids: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +181,8 @@ class LeaseService:
         self.events = EventBus()
         # Leases to warn about once they pass lease.max_hold: lease id -> monotonic due time.
         self._max_hold_due: dict[str, float] = {}
+        # Revisions reported with ``deployd event LOCK deployed``, by lease id, for the outcome.
+        self._deployed_revisions: dict[str, str] = {}
         self._pending: dict[int, _Pending] = {}
         self._bindings: dict[str, Binding] = {}
         self._ended: OrderedDict[str, EndedLease] = OrderedDict()
@@ -232,7 +240,7 @@ class LeaseService:
         identity = None
         if spec.pid is not None:
             identity = _identify_or_raise(spec.pid)
-        binding = Binding(lease_id="", kind=spec.kind)
+        binding = Binding(lease_id="", kind=spec.kind, key=secrets.token_hex(8))
         if identity is not None:
             binding.processes[identity.pid] = identity
 
@@ -283,6 +291,9 @@ class LeaseService:
         held = self.coordinator.lease(lease_id)
         if held is None:
             raise self._not_held_error(lease_id)
+        reported = self._deployed_revisions.get(lease_id)
+        if outcome.revision is None and reported is not None:
+            outcome = replace(outcome, revision=reported)
         logger.debug(
             "release requested: lock=%s session=%s outcome=%s",
             held.lock,
@@ -304,6 +315,23 @@ class LeaseService:
         with anyio.fail_after(self.config.store.timeout + 1):
             before = await self.store.force_unlock(lock, by, reason)
         displaced = before.lease
+        if displaced is not None:
+            # The event belongs to the deploy that lost the lock, so it lands in its thread.
+            self.events.emit(
+                DeployEvent(
+                    kind=EventKind.FORCED,
+                    lock=lock,
+                    session_id=displaced.holder,
+                    owner=displaced.owner,
+                    purpose=displaced.purpose,
+                    token=displaced.token or None,
+                    details={
+                        "holder": displaced.to_json(),
+                        "forced_by": f"{by.user}@{by.host}",
+                        "force_reason": reason,
+                    },
+                )
+            )
         local = self.coordinator.holder_of(lock)
         if displaced is not None and local is not None and local.lease_id == displaced.holder:
             message = (
@@ -318,9 +346,111 @@ class LeaseService:
             )
         return before
 
+    async def adopt_from_store(
+        self, lock: str, lease_id: str, key: str | None, peer_pid: int | None, pids: list[int]
+    ) -> None:
+        """Take over a lease that a killed daemon held, for a client that re-attaches.
+
+        The store must still hold the lease, valid, and the client must be the
+        process it was bound to (the lease's owner pid), because this daemon
+        cannot check the key of a lease it never granted. Raises NotHolder or
+        LeaseLost otherwise.
+        """
+        with anyio.fail_after(self.config.store.timeout + 1):
+            state = await self.store.inspect(lock)
+        lease = state.lease
+        if lease is None or lease.holder != lease_id:
+            raise LeaseLost(
+                lock,
+                f"lease {lease_id} is no longer held: its daemon stopped and the lease "
+                "expired or was taken",
+                state,
+            )
+        if lease.expired:
+            raise LeaseLost(lease.lock, f"lease {lease_id} on {lease.lock} expired", state)
+        if peer_pid is None or peer_pid != lease.owner.pid:
+            raise NotHolder(
+                f"lease {lease_id} on {lease.lock} was bound to pid {lease.owner.pid}; "
+                "only that process can re-attach to it"
+            )
+        now = self._clock()
+        timings = self.timings(lease.ttl)
+        held = HeldLease(
+            lease=lease,
+            timings=timings,
+            binding=None,
+            # The store's view bounds the last confirmation from below.
+            confirmed_at=now - max(0.0, lease.ttl - lease.expires_in),
+            next_renew_at=now,
+            granted_at=now,
+            waited=0.0,
+        )
+        binding = Binding(lease_id=lease_id, kind="connection", key=key or "")
+        for pid in {peer_pid, *pids}:
+            identity = identify(pid) if pid > 1 else None
+            if identity is not None:
+                binding.processes[identity.pid] = identity
+        logger.warning(
+            "taking over a lease left by a daemon that stopped without keeping it: "
+            "lock=%s session=%s token=%d",
+            lease.lock,
+            lease_id,
+            lease.token,
+        )
+        self.adopt(held, binding)
+
+    async def release_from_store(
+        self, lock: str, lease_id: str, peer_pid: int | None, outcome: Outcome
+    ) -> Lease | None:
+        """Release a lease that a killed daemon held, for the process it was bound to.
+
+        Returns the released lease, or None when the store does not show it or
+        the caller does not run under the lease's owner process.
+        """
+        if peer_pid is None:
+            return None
+        with anyio.fail_after(self.config.store.timeout + 1):
+            state = await self.store.inspect(lock)
+        lease = state.lease
+        if lease is None or lease.holder != lease_id or lease.owner.pid is None:
+            return None
+        if lease.owner.pid not in {peer_pid, *ancestors(peer_pid)}:
+            return None
+        with anyio.fail_after(self.config.store.timeout + 1):
+            released = await self.store.release(lease, outcome)
+        if not released:
+            return None
+        logger.info(
+            "released a lease left by a daemon that stopped: lock=%s session=%s", lock, lease_id
+        )
+        return lease
+
+    def report_deployed(self, lease_id: str, revision: str) -> HeldLease:
+        """Announce that the deploy holding ``lease_id`` now serves ``revision``.
+
+        The revision is also recorded as the deploy's outcome when its release
+        names none (``deployd run`` never does). Raises when the lease is not held.
+        """
+        held = self.coordinator.lease(lease_id)
+        if held is None:
+            raise self._not_held_error(lease_id)
+        self._deployed_revisions[lease_id] = revision
+        logger.info(
+            "deploy reported: lock=%s session=%s revision=%s", held.lock, lease_id, revision
+        )
+        self.events.emit(lease_event(EventKind.DEPLOYED, held.lease, revision=revision))
+        return held
+
     def ended(self, lease_id: str) -> EndedLease | None:
         """Return what happened to a lease that has ended, if it is still remembered."""
         return self._ended.get(lease_id)
+
+    def lost_lease_of(self, lock: str, pids: set[int]) -> EndedLease | None:
+        """Return the latest remembered lease on ``lock`` that was lost while bound to ``pids``."""
+        for ended in reversed(self._ended.values()):
+            if ended.lock == lock and ended.error is not None and ended.pids & pids:
+                return ended
+        return None
 
     def _not_held_error(self, lease_id: str) -> DeploydError:
         ended = self._ended.get(lease_id)
@@ -875,8 +1005,10 @@ class LeaseService:
         error: LeaseLost | None = None
         if action.outcome.status is OutcomeStatus.LOST:
             error = LeaseLost(held.lock, action.outcome.detail or f"lease on {held.lock} was lost")
-        self._ended[held.lease_id] = EndedLease(held.lock, action.outcome, error)
+        pids = frozenset(binding.processes) if binding is not None else frozenset()
+        self._ended[held.lease_id] = EndedLease(held.lock, action.outcome, error, pids)
         self._max_hold_due.pop(held.lease_id, None)
+        self._deployed_revisions.pop(held.lease_id, None)
         kind = _OUTCOME_EVENTS.get(action.outcome.status)
         if kind is not None:
             self.events.emit(

@@ -3,7 +3,9 @@
 When the daemon stops while a holder still runs, it writes the lease here
 instead of releasing it; the next daemon on the same socket reads it back
 and resumes renewing. The file is an SQLite database in the state
-directory, private to this workstation's daemon.
+directory, private to this workstation's daemon. The Slack notifier keeps
+its outbox in the same file, in tables of its own
+(``deployd.notifiers.outbox``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ CREATE TABLE IF NOT EXISTS kept_leases (
     lease_id TEXT PRIMARY KEY,
     lock TEXT NOT NULL,
     data TEXT NOT NULL,
-    kept_at REAL NOT NULL
+    kept_at REAL NOT NULL,
+    socket TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS owed_records (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -55,6 +58,7 @@ class KeptLease:
     takeover: Takeover
     unlocked_since: float | None = None
     unlocked_reason: str | None = None
+    key: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """Return the record for the state file."""
@@ -91,6 +95,7 @@ class KeptLease:
             "takeover": str(self.takeover),
             "unlocked_since": self.unlocked_since,
             "unlocked_reason": self.unlocked_reason,
+            "key": self.key,
         }
 
     @classmethod
@@ -110,6 +115,7 @@ class KeptLease:
             takeover=Takeover(data["takeover"]),
             unlocked_since=data.get("unlocked_since"),
             unlocked_reason=data.get("unlocked_reason"),
+            key=str(data.get("key") or ""),
         )
 
 
@@ -124,32 +130,44 @@ class LocalState:
         os.chmod(path, 0o600)
         self._connection.execute("PRAGMA journal_mode=WAL")
         self._connection.executescript(_SCHEMA)
+        columns = {row[1] for row in self._connection.execute("PRAGMA table_info(kept_leases)")}
+        if "socket" not in columns:
+            self._connection.execute(
+                "ALTER TABLE kept_leases ADD COLUMN socket TEXT NOT NULL DEFAULT ''"
+            )
 
     @staticmethod
     def boot_id() -> str:
         """Return the id of this boot, which tags monotonic times in the file."""
         return MachineClock().boot_id
 
-    def save_kept(self, kept: list[KeptLease]) -> None:
-        """Replace the kept leases with ``kept``."""
+    def save_kept(self, socket: str, kept: list[KeptLease]) -> None:
+        """Replace the leases kept for the next daemon on ``socket`` with ``kept``.
+
+        Leases are kept per socket, because daemons on different sockets (a
+        shell with another XDG_RUNTIME_DIR, say) may share one state directory.
+        """
         now = time.time()
         with self._connection:
             self._connection.execute("BEGIN IMMEDIATE")
-            self._connection.execute("DELETE FROM kept_leases")
+            self._connection.execute("DELETE FROM kept_leases WHERE socket = ?", (socket,))
             self._connection.executemany(
-                "INSERT INTO kept_leases (lease_id, lock, data, kept_at) VALUES (?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO kept_leases (lease_id, lock, data, kept_at, socket) "
+                "VALUES (?, ?, ?, ?, ?)",
                 [
-                    (item.lease.holder, item.lease.lock, json.dumps(item.to_json()), now)
+                    (item.lease.holder, item.lease.lock, json.dumps(item.to_json()), now, socket)
                     for item in kept
                 ],
             )
 
-    def take_kept(self) -> list[KeptLease]:
-        """Return and delete the kept leases; unreadable records are logged and dropped."""
+    def take_kept(self, socket: str) -> list[KeptLease]:
+        """Return and delete the leases kept for ``socket``, logging and dropping bad ones."""
         with self._connection:
             self._connection.execute("BEGIN IMMEDIATE")
-            rows = self._connection.execute("SELECT lease_id, data FROM kept_leases").fetchall()
-            self._connection.execute("DELETE FROM kept_leases")
+            rows = self._connection.execute(
+                "SELECT lease_id, data FROM kept_leases WHERE socket = ?", (socket,)
+            ).fetchall()
+            self._connection.execute("DELETE FROM kept_leases WHERE socket = ?", (socket,))
         kept = []
         for lease_id, data in rows:
             try:
