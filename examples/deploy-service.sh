@@ -32,6 +32,7 @@ commit=${DEPLOY_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown
 reason=${DEPLOY_REASON:-deploy $service}
 step_seconds=${DEPLOY_STEP_SECONDS:-3}
 revision=""
+lease_id=""
 
 say() {
     printf '%s [%s %s] %s\n' "$(date +%H:%M:%S)" "$service" "$$" "$*" >&2
@@ -70,11 +71,13 @@ image="$region-docker.pkg.dev/$project/$repository/$service:$commit"
 release_lock() {
     local status=$?
     trap - EXIT
-    if [ -n "${DEPLOYD_LEASE_ID:-}" ]; then
+    # Only the lease this script took: a DEPLOYD_LEASE_ID inherited from an
+    # outer deploy of another lock is not ours to release.
+    if [ -n "$lease_id" ]; then
         if [ -n "$revision" ]; then
-            "$deployd" release "$DEPLOYD_LEASE_ID" --exit-code "$status" --revision "$revision" || true
+            "$deployd" release "$lease_id" --exit-code "$status" --revision "$revision" || true
         else
-            "$deployd" release "$DEPLOYD_LEASE_ID" --exit-code "$status" || true
+            "$deployd" release "$lease_id" --exit-code "$status" || true
         fi
     fi
     if [ "$status" -eq 0 ]; then
@@ -125,6 +128,7 @@ say "taking the deploy lock for $service (commit $commit)"
 lease_env=$("$deployd" acquire "$service" --pid $$ --wait "${DEPLOY_WAIT:-15m}" \
     --commit "$commit" --reason "$reason" --format env)
 eval "$lease_env"
+lease_id=$DEPLOYD_LEASE_ID
 say "got the lock: lease $DEPLOYD_LEASE_ID, fencing token $DEPLOYD_FENCING_TOKEN"
 
 say "building $image"

@@ -203,6 +203,68 @@ COMMANDS = (
         ],
     ),
     Command(
+        "history",
+        "list deploys, newest first, of every lock or of LOCK",
+        positionals=[Positional("lock", "LOCK", "only deploys of this lock", required=False)],
+        options=[
+            Option(
+                ["--limit"],
+                "how many deploys to show (default 20)",
+                metavar="N",
+                convert=_whole_number,
+                default=20,
+            ),
+            Option(
+                ["--since"],
+                "only deploys started within DURATION (such as 1d or 2h)",
+                metavar="DURATION",
+                convert=parse_duration,
+            ),
+            Option(["--json"], "print the history as JSON"),
+        ],
+    ),
+    Command(
+        "stats",
+        "show deploy counts, waits, stale leases and latencies of a period",
+        options=[
+            Option(
+                ["--since"],
+                "the period: deploys started within DURATION (default 7d)",
+                metavar="DURATION",
+                convert=parse_duration,
+                default=7 * 86400.0,
+            ),
+            Option(["--json"], "print the stats as JSON"),
+        ],
+    ),
+    Command(
+        "freeze",
+        "stop new grants of LOCK, or of every lock with --all, until unfrozen",
+        positionals=[Positional("lock", "LOCK", "the lock to freeze", required=False)],
+        options=[
+            Option(["--all"], "freeze every lock"),
+            Option(
+                ["--reason"],
+                "why (required), shown to everyone it stops",
+                metavar="TEXT",
+                convert=str,
+            ),
+            Option(
+                ["--until"],
+                "end the freeze at TIME: a duration from now (2h), HH:MM today, or "
+                "YYYY-MM-DD[THH:MM] (local time)",
+                metavar="TIME",
+                convert=str,
+            ),
+        ],
+    ),
+    Command(
+        "unfreeze",
+        "lift the freeze of LOCK, or of every lock with --all",
+        positionals=[Positional("lock", "LOCK", "the lock to unfreeze", required=False)],
+        options=[Option(["--all"], "lift the freeze of every lock")],
+    ),
+    Command(
         "status",
         "show the daemon, the store, every lock and its queue",
         options=[Option(["--json"], "print the status as JSON")],
@@ -279,6 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"{exc}; see 'deployd status' and the daemon log", exitcodes.UNAVAILABLE)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (deployd status --json | head): say nothing more.
+        sys.stdout = None  # type: ignore[assignment]
+        return 141
 
 
 def _dispatch(args: Arguments, command: list[str]) -> int:
@@ -302,6 +368,10 @@ def _dispatch(args: Arguments, command: list[str]) -> int:
         return _status(args)
     if args.command == "force-unlock":
         return _force_unlock(args)
+    if args.command in ("history", "stats", "freeze", "unfreeze"):
+        from deployd_client import report_commands
+
+        return report_commands.run(args)
     raise UsageError(f"unknown command {args.command!r}")
 
 
@@ -339,6 +409,10 @@ def _acquire(args: Arguments) -> int:
         raise UsageError(
             f"--pid must name the process the lease is bound to (greater than 1), got {pid}"
         )
+    joined = join_outer_lease("acquire", args.lock)
+    if joined is not None:
+        _print_lease(joined, args.format, lease_depth() + 1)
+        return exitcodes.OK
     display = WaitDisplay(args.lock, quiet=args.quiet)
     try:
         connection, result = wait_for_lease(
@@ -350,8 +424,37 @@ def _acquire(args: Arguments) -> int:
     connection.close()
     display.finish("got the lock")
     warn_if_unlocked(result)
-    _print_lease(result, args.format)
+    _print_lease(result, args.format, 1)
     return exitcodes.OK
+
+
+def lease_depth() -> int:
+    """Return DEPLOYD_LEASE_DEPTH: 1 under the deploy that took the lease, more when nested."""
+    text = os.environ.get("DEPLOYD_LEASE_DEPTH", "")
+    return int(text) if text.isdigit() else 1
+
+
+def join_outer_lease(op: str, lock: str) -> dict[str, Any] | None:
+    """Join the lease of the deploy this process runs under, if it holds ``lock``.
+
+    A deploy script's helpers often take the same lock again; queueing behind
+    their own deploy would wait forever. Returns the joined lease, or None
+    when there is no such lease (the caller then takes the lock normally).
+    """
+    from deployd_client.autostart import connect
+
+    outer = os.environ.get("DEPLOYD_LEASE_ID")
+    if not outer or os.environ.get("DEPLOYD_LOCK") != lock:
+        return None
+    with connect() as connection:
+        try:
+            result = connection.request(op, timeout=RESPONSE_TIMEOUT, lock=lock, join=outer)
+        except DaemonError as exc:
+            if exc.code in ("not_holder", "invalid_argument"):
+                return None
+            raise
+    warn(f"joined the lease on {lock} of the deploy this runs under")
+    return result
 
 
 def warn_if_unlocked(result: dict[str, Any]) -> None:
@@ -365,17 +468,19 @@ def warn_if_unlocked(result: dict[str, Any]) -> None:
         )
 
 
-def _print_lease(result: dict[str, Any], output_format: str) -> None:
+def _print_lease(result: dict[str, Any], output_format: str, depth: int) -> None:
     if output_format == "json":
         import json
 
-        print(json.dumps(result, indent=2, sort_keys=True))
+        print(json.dumps({**result, "depth": depth}, indent=2, sort_keys=True))
     elif output_format == "env":
         import shlex
 
         print(f"export DEPLOYD_LEASE_ID={shlex.quote(result['lease_id'])}")
         print(f"export DEPLOYD_LOCK={shlex.quote(result['lock'])}")
         print(f"export DEPLOYD_FENCING_TOKEN={int(result['token'])}")
+        # Greater than 1 for a joined lease: its release is left to the deploy that took it.
+        print(f"export DEPLOYD_LEASE_DEPTH={depth}")
     else:
         print(
             f"acquired {result['lock']}: lease {result['lease_id']}, "
@@ -392,6 +497,10 @@ def _release(args: Arguments) -> int:
     if args.exit_code is not None and not 0 <= args.exit_code <= 255:
         raise UsageError(f"--exit-code must be between 0 and 255, got {args.exit_code}")
     fields: dict[str, Any] = {"exit_code": args.exit_code, "revision": args.revision}
+    outer = (os.environ.get("DEPLOYD_LEASE_ID"), os.environ.get("DEPLOYD_LOCK"))
+    if lease_depth() > 1 and target in outer:
+        warn(f"{outer[1]} was joined, not taken, here; the deploy that took it releases it")
+        return exitcodes.OK
     if "@" in target:
         fields["lease_id"] = target
         if target == os.environ.get("DEPLOYD_LEASE_ID") and os.environ.get("DEPLOYD_LOCK"):

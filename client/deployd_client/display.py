@@ -107,7 +107,7 @@ class WaitDisplay:
 
     def _describe(self) -> str:
         event = self._event or {}
-        parts = [f"deployd: waiting for {self.lock}"]
+        parts: list[str] = []
         holder = event.get("holder")
         if isinstance(holder, dict):
             parts.append(f"held by {describe_holder(holder)}")
@@ -117,7 +117,7 @@ class WaitDisplay:
         eta = event.get("eta")
         if isinstance(eta, int | float):
             parts.append(f"ETA ~{format_duration(eta)}")
-        return "; ".join(parts)
+        return f"deployd: waiting for {self.lock}: " + "; ".join(parts or ["queued"])
 
     def _draw(self) -> None:
         waited = format_duration(time.monotonic() - self.started)
@@ -168,7 +168,29 @@ def notification_lines(health: dict[str, Any] | None) -> list[str]:
 
 
 def status_text(status: dict[str, Any], color: bool = False) -> str:
-    """Render the result of the ``status`` op as aligned text."""
+    """Render the result of the ``status`` op: daemon, store, freezes, locks, queues, deploys."""
+    lines = _daemon_lines(status, color)
+    for freeze in status.get("freezes") or []:
+        lines.append(paint(f"frozen   {describe_freeze(freeze)}", "cyan", color))
+    lines.append("")
+
+    locks = status.get("locks", [])
+    if not locks:
+        lines.append("no locks yet")
+    else:
+        lines.append(table(_lock_rows(locks, color), color))
+        lines.extend(_queue_lines(locks))
+
+    latest = status.get("latest") or []
+    if latest:
+        from deployd_client.reports import history_text
+
+        lines += ["", "latest deploys"]
+        lines.append(history_text({"deployments": latest}, color))
+    return "\n".join(lines)
+
+
+def _daemon_lines(status: dict[str, Any], color: bool) -> list[str]:
     daemon = status.get("daemon", {})
     store = status.get("store", {})
     lines = [
@@ -177,60 +199,115 @@ def status_text(status: dict[str, Any], color: bool = False) -> str:
         f"socket   {daemon.get('socket')}",
         f"config   {daemon.get('config_file') or '(defaults, no file)'}",
     ]
-    reachable = store.get("reachable")
-    state = "reachable" if reachable else f"UNREACHABLE: {store.get('error')}"
-    latency = store.get("latency")
-    latency_text = f", last call {format_duration(float(latency))}" if latency is not None else ""
-    lines.append(f"store    {store.get('kind')} at {store.get('location')}: {state}{latency_text}")
+    if store.get("reachable"):
+        state = paint("reachable", "green", color)
+    else:
+        state = paint(f"UNREACHABLE: {store.get('error')}", "red", color)
+    details = []
+    if store.get("latency") is not None:
+        details.append(f"last call {format_duration(float(store['latency']))}")
+    offset = store.get("clock_offset")
+    if isinstance(offset, int | float) and offset:
+        details.append(f"clock offset {offset:+.3f}s")
+    detail_text = f" ({', '.join(details)})" if details else ""
+    lines.append(f"store    {store.get('kind')} at {store.get('location')}: {state}{detail_text}")
     lines.extend(notification_lines(status.get("notifications")))
-    lines.append("")
+    return lines
 
-    locks = status.get("locks", [])
-    if not locks:
-        lines.append("no locks yet")
-        return "\n".join(lines)
 
-    rows = [("LOCK", "HOLDER", "HOST", "SINCE", "TOKEN", "LEFT", "WAITING", "REASON")]
+_HEALTH_COLORS = {"healthy": "green", "late": "yellow", "expired": "red"}
+
+
+def _lock_rows(locks: list[dict[str, Any]], color: bool) -> list[list[str]]:
+    rows = [
+        [
+            "LOCK",
+            "HOLDER",
+            "HOST",
+            "SINCE",
+            "HEALTH",
+            "LEFT",
+            "TOKEN",
+            "WAITING",
+            "COMMIT",
+            "REASON",
+        ]
+    ]
     for entry in locks:
         lease = entry.get("lease")
-        waiters = len(entry.get("waiters", [])) + max(0, len(entry.get("local_queue", [])) - 1)
-        if lease and entry.get("held"):
+        waiting = len(entry.get("waiters", [])) + max(0, len(entry.get("local_queue", [])) - 1)
+        waiting_text = str(waiting) if waiting else "-"
+        frozen = paint(" frozen", "cyan", color) if entry.get("frozen") else ""
+        if lease:
             owner = lease.get("owner", {})
             purpose = lease.get("purpose", {})
+            health = str(lease.get("health", "healthy" if entry.get("held") else "expired"))
             rows.append(
-                (
-                    entry["lock"],
+                [
+                    entry["lock"] + frozen,
                     str(owner.get("user")),
                     str(owner.get("host")),
-                    ago(lease["acquired_at"]),
+                    ago(float(lease["acquired_at"])),
+                    paint(health, _HEALTH_COLORS.get(health, ""), color),
+                    format_duration(max(0.0, float(lease.get("expires_in", 0)))),
                     str(entry.get("token")),
-                    format_duration(float(lease.get("expires_in", 0))),
-                    str(waiters) if waiters else "-",
-                    purpose.get("reason") or "-",
-                )
+                    waiting_text,
+                    str(purpose.get("commit") or "-"),
+                    str(purpose.get("reason") or "-"),
+                ]
             )
         else:
             rows.append(
-                (
-                    entry["lock"],
+                [
+                    entry["lock"] + frozen,
                     "-",
                     "-",
+                    "-",
+                    "free",
                     "-",
                     str(entry.get("token")),
-                    "free",
-                    str(waiters) if waiters else "-",
+                    waiting_text,
                     "-",
-                )
+                    "-",
+                ]
             )
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    for index, row in enumerate(rows):
-        text = "  ".join(
-            cell.ljust(width) for cell, width in zip(row, widths, strict=True)
-        ).rstrip()
-        if index == 0 and color:
-            text = f"\x1b[1m{text}\x1b[0m"
-        lines.append(text)
-    return "\n".join(lines)
+    return rows
+
+
+def _queue_lines(locks: list[dict[str, Any]]) -> list[str]:
+    """Return one line per lock with waiters: the store's queue, then this daemon's."""
+    lines = []
+    for entry in locks:
+        waiters = [
+            f"{owner['user']}@{owner['host']} ({ago(float(waiter['enqueued_at']))})"
+            for waiter in entry.get("waiters", [])
+            if (owner := waiter["owner"])
+        ]
+        local = (
+            entry.get("local_queue", [])[1:]
+            if entry.get("waiters")
+            else entry.get("local_queue", [])
+        )
+        waiters += [
+            f"{item['user']} here ({format_duration(float(item['waiting_for']))})" for item in local
+        ]
+        if waiters:
+            numbered = "  ".join(f"{index}. {who}" for index, who in enumerate(waiters, start=1))
+            lines.append(f"waiting for {entry['lock']}: {numbered}")
+    if lines:
+        lines.insert(0, "")
+    return lines
+
+
+def describe_freeze(freeze: dict[str, Any]) -> str:
+    """Describe a freeze: what, by whom, since and until when, and why."""
+    what = "all locks" if freeze.get("scope") == "*" else str(freeze.get("scope"))
+    until = freeze.get("until")
+    until_text = f" until {clock_time(float(until))}" if isinstance(until, int | float) else ""
+    return (
+        f"{what} by {freeze.get('by')} since {clock_time(float(freeze.get('at', 0)))}"
+        f"{until_text}: {freeze.get('reason')!r}"
+    )
 
 
 _COLOR_CODES = {"red": "31", "green": "32", "yellow": "33", "cyan": "36", "bold": "1", "dim": "2"}

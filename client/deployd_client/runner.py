@@ -24,7 +24,13 @@ import time
 
 from deployd_client import exitcodes
 from deployd_client.autostart import connect
-from deployd_client.cli import lease_fields, warn, warn_if_unlocked
+from deployd_client.cli import (
+    join_outer_lease,
+    lease_depth,
+    lease_fields,
+    warn,
+    warn_if_unlocked,
+)
 from deployd_client.display import WaitDisplay
 from deployd_client.options import Arguments
 from deployd_client.protocol import (
@@ -182,6 +188,9 @@ class _Run:
         self.confirmed_at: float | None = None
         self.renew_deadline = 0.0
         self.group_notice_shown = False
+        # Whether this run joined the lease of the deploy it runs under (nesting):
+        # that deploy renews and releases it, so this run only runs the command.
+        self.joined = False
         self.capture: OutputCapture | None = None
         if args.capture_output:
             from deployd_client.capture import OutputCapture
@@ -206,6 +215,11 @@ class _Run:
 
     def _hold(self) -> int | None:
         """Wait for the lease; return an exit code if a signal ended the wait."""
+        joined = join_outer_lease("hold", self.lock)
+        if joined is not None:
+            self.lease = joined
+            self.joined = True
+            return None
         display = WaitDisplay(self.lock, quiet=self.args.quiet)
         try:
             self.connection, self.lease = wait_for_lease(
@@ -248,6 +262,7 @@ class _Run:
         env["DEPLOYD_LEASE_ID"] = self.lease["lease_id"]
         env["DEPLOYD_LOCK"] = self.lease["lock"]
         env["DEPLOYD_FENCING_TOKEN"] = str(self.lease["token"])
+        env["DEPLOYD_LEASE_DEPTH"] = str(lease_depth() + 1 if self.joined else 1)
         try:
             self.child_pid = os.posix_spawnp(
                 self.command[0],
@@ -272,6 +287,8 @@ class _Run:
         if self.capture is not None:
             self.capture.spawned()
         self.terminal.hand_to(self.child_pid)
+        if self.joined:
+            return
         assert self.connection is not None
         try:
             self.connection.send("bind", lease_id=self.lease["lease_id"], pid=self.child_pid)
@@ -288,7 +305,7 @@ class _Run:
                 self._reap()
                 if self.child_done and not self._rest_of_group_running():
                     break
-                if self.connection is None and self.lost_message is None:
+                if self.connection is None and self.lost_message is None and not self.joined:
                     disconnected_at = disconnected_at or time.monotonic()
                     self._reconnect(disconnected_at)
                     if self.connection is not None:
@@ -323,7 +340,7 @@ class _Run:
         if self.connection is not None and self.connection.has_buffered_message():
             return 0
         timeouts: list[float] = []
-        if self.connection is None and self.lost_message is None:
+        if self.connection is None and self.lost_message is None and not self.joined:
             timeouts.append(0.1)  # reconnecting
         if self.terminate_sent_at is not None and not self.killed:
             timeouts.append(0.1)
@@ -484,6 +501,8 @@ class _Run:
 
     def _finish(self) -> int:
         exit_code = self.exit_code if self.exit_code is not None else exitcodes.INTERNAL
+        if self.joined:
+            return exit_code
         if self.lost_message is not None:
             warn(f"the command exited with {exit_code} after the lease on {self.lock} was lost")
             return exitcodes.LEASE_LOST

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from deployd.config import LeaseTimings
 from deployd.errors import (
     DeploydError,
+    Frozen,
     LeaseLost,
     LockBusy,
     StoreBusy,
@@ -31,8 +32,10 @@ from deployd.errors import (
     WaitTimedOut,
 )
 from deployd.models import (
+    ALL_LOCKS,
     Acquired,
     Busy,
+    Freeze,
     Lease,
     LeaseRequest,
     LockState,
@@ -79,6 +82,8 @@ class Ticket:
     store_failures: int = 0
     last_seen: LockState | None = None
     queued_ahead_in_store: int = 0
+    # Whether the caller had to wait for another holder, a queue or a freeze.
+    blocked: bool = False
     cancelled: bool = False
     done: bool = False
 
@@ -403,6 +408,7 @@ class Coordinator:
         if len(slot.queue) == 1 and slot.holder is None and not slot.releasing:
             return [self._attempt(ticket, now)]
 
+        ticket.blocked = slot.holder is not None or len(slot.queue) > 1 or ticket.blocked
         actions: list[Action] = [self._position(slot, ticket)]
         if slot.queue[0] is ticket and slot.holder is not None:
             actions.extend(self._heartbeat(ticket, now))
@@ -651,7 +657,7 @@ class Coordinator:
             waiter_id=ticket.session_id if ticket.enqueued_in_store else None,
             force=ticket.force,
             force_reason=ticket.force_reason,
-            waited=max(0.0, now - ticket.arrived_at),
+            waited=max(0.0, now - ticket.arrived_at) if ticket.blocked else 0.0,
         )
         return Attempt(ticket, request)
 
@@ -674,7 +680,7 @@ class Coordinator:
             confirmed_at=sent_at,
             next_renew_at=sent_at + ticket.timings.renew_every,
             granted_at=now,
-            waited=max(0.0, now - ticket.arrived_at),
+            waited=max(0.0, now - ticket.arrived_at) if ticket.blocked else 0.0,
             takeover=result.takeover,
             replaced=result.previous,
             force_reason=ticket.force_reason,
@@ -704,6 +710,7 @@ class Coordinator:
         return actions
 
     def _busy(self, ticket: Ticket, result: Busy, now: float) -> list[Action]:
+        ticket.blocked = True
         ticket.last_seen = result.state
         ticket.queued_ahead_in_store = result.queued_ahead
         ticket.store_failures = 0
@@ -853,6 +860,9 @@ class Coordinator:
         )
 
     def _busy_error(self, result: Busy) -> LockBusy:
+        frozen = result.state.frozen
+        if frozen is not None:
+            return Frozen(frozen_message(result.state.lock, frozen), result.state)
         lease = result.state.lease
         if lease is not None and not lease.expired:
             return LockBusy(busy_message(result.state.lock, lease), result.state)
@@ -880,4 +890,19 @@ def busy_message(lock: str, lease: Lease) -> str:
         f"{lock} is locked by {lease.owner.user} on {lease.owner.host} since {since} "
         f"({held_for} ago; {', '.join(details)}); "
         "wait for it with --wait DURATION, or see 'deployd status'"
+    )
+
+
+def frozen_message(lock: str, freeze: Freeze) -> str:
+    """Return the one-line message for a frozen lock: scope, who, since, until and why."""
+    what = "all locks are" if freeze.scope == ALL_LOCKS else f"{lock} is"
+    since = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(freeze.at))
+    until = (
+        f" until {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(freeze.until))}"
+        if freeze.until is not None
+        else ""
+    )
+    return (
+        f"{what} frozen by {freeze.by} since {since}{until}: {freeze.reason!r}; "
+        "wait for the freeze to end with --wait DURATION, or pass it with --force --reason TEXT"
     )

@@ -33,6 +33,7 @@ from deployd.handlers import DaemonInfo, Ops
 from deployd.models import Outcome, OutcomeStatus
 from deployd.notifiers import Notifier, create_notifier
 from deployd.processes import is_alive
+from deployd.report_ops import ReportOps
 from deployd.server import Limits, Server
 from deployd.service import Binding, LeaseService
 from deployd.sessions import new_daemon_id, short_hostname
@@ -247,7 +248,10 @@ class Daemon:
                 store_location=_store_location(self.config),
             )
             server = Server(
-                Ops(service, info, notifier).table(),
+                {
+                    **Ops(service, info, notifier).table(),
+                    **ReportOps(service, info, notifier).table(),
+                },
                 limits=Limits(half_line_timeout=self.config.server.half_line_timeout),
                 on_close=service.unbind_connection,
             )

@@ -102,6 +102,12 @@ class WaitTimedOut(LockBusy):
     code = "wait_timeout"
 
 
+class Frozen(LockBusy):
+    """The lock, or every lock, is frozen: no new grants until the freeze ends."""
+
+    code = "frozen"
+
+
 class NotHolder(DeploydError):
     """A caller tried to release or change a lease that belongs to someone else."""
 

@@ -8,7 +8,6 @@ import logging
 import os
 import pwd
 import re
-import sqlite3
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -27,7 +26,7 @@ from deployd.errors import (
     StoreUnavailable,
 )
 from deployd.models import Outcome, Owner, Purpose
-from deployd.notifiers import Notifier, notifier_off
+from deployd.notifiers import Notifier
 from deployd.processes import ancestors, parent_pid
 from deployd.server import PROTOCOL_VERSIONS, Connection, Handler
 from deployd.service import AcquireSpec, LeaseService
@@ -49,7 +48,6 @@ OUTPUT_TAIL_LINES = 20
 OUTPUT_LINE_LENGTH = 300
 # Terminal escape sequences (colours, cursor moves, titles) in captured output.
 _ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|.)")
-STATUS_SCHEMA = 1
 
 
 @dataclass
@@ -189,7 +187,8 @@ def _kind(value: object) -> str:
     )
 
 
-def _user_of(connection: Connection) -> str:
+def user_of(connection: Connection) -> str:
+    """Return the login name of the user at the other end of ``connection``."""
     return _user_name(connection.peer.uid if connection.peer else os.getuid())
 
 
@@ -222,8 +221,6 @@ class Ops:
             "bind": self.bind,
             "release": self.release,
             "event": self.event,
-            "status": self.status,
-            "locks": self.locks,
             "force_unlock": self.force_unlock,
         }
 
@@ -250,7 +247,7 @@ class Ops:
                 raise InvalidArgument("missing field 'pid': the process the lease is bound to")
         return AcquireSpec(
             lock=lock,
-            user=_user_of(connection),
+            user=user_of(connection),
             host=self.host,
             pid=pid,
             ttl=ttl,
@@ -263,6 +260,8 @@ class Ops:
 
     async def acquire(self, connection: Connection, request: dict[str, Any]) -> dict[str, Any]:
         """Take a lock bound to a process (by default the client's parent shell)."""
+        if request.get("join") is not None:
+            return await self._join(connection, request)
         spec = self._spec(connection, request, "process")
         held = await self._acquire(connection, spec, request)
         return self._lease_result(held)
@@ -272,9 +271,36 @@ class Ops:
         attach = Params(request).text("attach")
         if attach is not None:
             return await self._attach(connection, attach, request)
+        if request.get("join") is not None:
+            return await self._join(connection, request)
         spec = self._spec(connection, request, "connection")
         held = await self._acquire(connection, spec, request)
         return self._lease_result(held)
+
+    async def _join(self, connection: Connection, request: dict[str, Any]) -> dict[str, Any]:
+        """Let a deploy's own helper join its lease instead of queueing behind it (nesting).
+
+        ``join`` is the DEPLOYD_LEASE_ID that the deploy's process received. The
+        answer is the same lease with ``joined: true``: no new grant, record or
+        announcement. A lease that ended is reported as such, so the client
+        can take the lock the normal way.
+        """
+        params = Params(request)
+        lock = params.lock()
+        join = params.text("join", required=True)
+        assert join is not None
+        session, _key = split_lease_id(join)
+        held = self.service.coordinator.lease(session)
+        if held is None:
+            ended = self.service.ended(session)
+            if ended is not None and ended.error is not None:
+                raise await self._lost_error(ended.lock, ended.error)
+            raise NotHolder(f"lease {session} is not held by this daemon; nothing to join")
+        if held.lock != lock:
+            raise InvalidArgument(f"lease {session} is on {held.lock}, not on {lock}")
+        self._check_owner(connection, join, lease_id_given=True)
+        logger.info("nested caller joined a lease: lock=%s session=%s", lock, session)
+        return {**self._lease_result(held), "joined": True}
 
     async def _attach(
         self, connection: Connection, lease_id: str, request: dict[str, Any]
@@ -527,7 +553,7 @@ class Ops:
         reason = params.text("reason")
         if not reason:
             raise InvalidArgument("force_unlock needs a reason saying why the lock is taken away")
-        by = Owner(_user_of(connection), self.host, connection.peer_pid, self.info.daemon_id)
+        by = Owner(user_of(connection), self.host, connection.peer_pid, self.info.daemon_id)
         try:
             before = await self.service.force_unlock(lock, by, reason)
         except TimeoutError as exc:
@@ -541,73 +567,6 @@ class Ops:
             "previous": previous.to_json() if previous is not None else None,
             "token": before.token + 1 if previous is not None else before.token,
         }
-
-    # --- status ---
-
-    async def locks(self, connection: Connection, request: dict[str, Any]) -> dict[str, Any]:
-        """Return every lock in the store with its lease and waiters."""
-        with anyio.fail_after(self.service.config.store.timeout + 1):
-            states = await self.service.store.list_locks()
-        return {"schema": STATUS_SCHEMA, "locks": [state.to_json() for state in states]}
-
-    async def status(self, connection: Connection, request: dict[str, Any]) -> dict[str, Any]:
-        """Return the daemon, the store, every lock and this daemon's leases and queues."""
-        store: dict[str, Any] = {"kind": self.info.store_kind, "location": self.info.store_location}
-        locks: list[dict[str, Any]] = []
-        started = time.monotonic()
-        try:
-            with anyio.fail_after(self.service.config.store.timeout + 1):
-                states = await self.service.store.list_locks()
-            store["reachable"] = True
-            locks = [state.to_json() for state in states]
-        except (StoreError, TimeoutError) as exc:
-            store["reachable"] = False
-            store["error"] = str(exc) or "timed out"
-        store["latency"] = round(time.monotonic() - started, 4)
-
-        now = time.monotonic()
-        for entry in locks:
-            entry["local_queue"] = [
-                {
-                    "session_id": ticket.session_id,
-                    "user": ticket.owner.user,
-                    "pid": ticket.owner.pid,
-                    "waiting_for": round(now - ticket.arrived_at, 3),
-                }
-                for ticket in self.service.local_queue(entry["lock"])
-            ]
-        leases = []
-        for held in self.service.held_leases():
-            binding = self.service.binding(held.lease_id)
-            leases.append(
-                {
-                    "lock": held.lock,
-                    "session_id": held.lease_id,
-                    "token": held.lease.token,
-                    "binding": binding.to_json() if binding else None,
-                    "last_renewal_age": round(now - held.confirmed_at, 3),
-                    "renew_failures": held.renew_failures,
-                    "ttl": held.timings.ttl,
-                }
-            )
-        return {
-            "schema": STATUS_SCHEMA,
-            "daemon": self.info.to_json(),
-            "store": store,
-            "locks": locks,
-            "leases": leases,
-            "notifications": self._notifications(),
-        }
-
-    def _notifications(self) -> dict[str, Any]:
-        """Return the notifier's health for ``status``, or why there is none."""
-        if self.notifier is None:
-            return notifier_off(self.service.config)
-        try:
-            return self.notifier.health()
-        except sqlite3.Error as exc:
-            logger.warning("cannot read the notifier's outbox for status: %s", exc)
-            return {"configured": True, "error": f"cannot read the outbox: {exc}"}
 
     # --- deploy milestones ---
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import statistics
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -62,6 +63,7 @@ from deployd.models import (
     Takeover,
 )
 from deployd.processes import ProcessIdentity, ancestors, identify, is_alive, wait_for_exit
+from deployd.reports import eta
 from deployd.sessions import new_acquisition_id, new_session_id
 from deployd.stores.base import LeaseStore
 from deployd.unlocked import UnlockedDeploys, overlap_event
@@ -79,6 +81,14 @@ _OUTCOME_EVENTS = {
     OutcomeStatus.RELEASED: EventKind.RELEASED,
     OutcomeStatus.ABANDONED: EventKind.ABANDONED,
 }
+
+# How many recent successful deploys of a lock its ETA is estimated from, and
+# how long that estimate is reused before it is read again.
+DURATION_SAMPLES = 20
+DURATION_CACHE_SECONDS = 60.0
+
+# How many recent acquire latencies stats reports percentiles of.
+ACQUIRE_LATENCY_SAMPLES = 1000
 
 # The shortest time between two queue_position events to one waiting caller.
 POSITION_EVENT_INTERVAL = 0.5
@@ -179,6 +189,11 @@ class LeaseService:
         )
         self.unlocked = UnlockedDeploys(store, self._overlap_found)
         self.events = EventBus()
+        # Median deploy duration of each lock's recent deploys, for waiters' ETAs:
+        # lock -> (monotonic time fetched, median or None).
+        self._durations: dict[str, tuple[float, float | None]] = {}
+        # Seconds from request to grant of recent grants that did not wait, for stats.
+        self._acquire_latencies: deque[float] = deque(maxlen=ACQUIRE_LATENCY_SAMPLES)
         # Leases to warn about once they pass lease.max_hold: lease id -> monotonic due time.
         self._max_hold_due: dict[str, float] = {}
         # Revisions reported with ``deployd event LOCK deployed``, by lease id, for the outcome.
@@ -834,12 +849,18 @@ class LeaseService:
             held.takeover,
             held.waited,
         )
+        if not action.ticket.blocked:
+            self._acquire_latencies.append(self._clock() - action.ticket.arrived_at)
         self._announce_grant(held)
         pending = self._pending.get(action.ticket.id)
         if pending is None:
             # The caller left; the coordinator has already released this grant.
             return
         self._answer(pending, held=held)
+
+    def acquire_latencies(self) -> list[float]:
+        """Return the request-to-grant times of recent grants that did not wait, in seconds."""
+        return list(self._acquire_latencies)
 
     def _announce_grant(self, held: HeldLease) -> None:
         lease = held.lease
@@ -940,6 +961,7 @@ class LeaseService:
         pending.position_sent_at = now
         pending.position_due = None
         holder = action.holder
+        holder_age = max(0.0, time.time() - holder.acquired_at) if holder is not None else 0.0
         pending.emit(
             {
                 "event": "queue_position",
@@ -947,8 +969,35 @@ class LeaseService:
                 "position": action.position,
                 "holder": holder.to_json() if holder is not None else None,
                 "waiting_for": round(now - action.ticket.arrived_at, 3),
+                "eta": eta(self._median_duration(action.ticket.lock), holder_age, action.position),
             }
         )
+
+    def _median_duration(self, lock: str) -> float | None:
+        """Return the lock's median recent deploy duration, refreshing it in the background."""
+        now = self._clock()
+        cached = self._durations.get(lock)
+        if cached is None or now - cached[0] > DURATION_CACHE_SECONDS:
+            # Marks the refresh as started, so one waiter's events start one refresh.
+            self._durations[lock] = (now, cached[1] if cached else None)
+            self._spawn(self._refresh_duration, lock)
+        return cached[1] if cached else None
+
+    async def _refresh_duration(self, lock: str) -> None:
+        try:
+            with anyio.fail_after(self.config.store.timeout + 1):
+                records = await self.store.history(lock, DURATION_SAMPLES)
+        except (StoreError, TimeoutError) as exc:
+            logger.debug("no recent durations for the ETA of %s: %s", lock, exc)
+            return
+        durations = [
+            duration
+            for record in records
+            if record.outcome == OutcomeStatus.SUCCEEDED.value
+            and (duration := record.duration) is not None
+        ]
+        median = statistics.median(durations) if durations else None
+        self._durations[lock] = (self._clock(), median)
 
     def _flush_positions(self) -> float | None:
         """Send held-back position events that are due; return when the next one is."""
