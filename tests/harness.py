@@ -66,7 +66,7 @@ def render_config(settings: Mapping[str, Any]) -> str:
 class Workstation:
     """The directories and environment of one simulated workstation.
 
-    ``environment`` holds variables that this workstation's daemon and
+    ``environment`` contains variables that this workstation's daemon and
     clients get on top of the test's own, such as FIRESTORE_EMULATOR_HOST.
     """
 

@@ -419,3 +419,69 @@ def test_reused_holder_pid_ends_kept_lease(
     finally:
         _stop(impostor)
         _stop(holder)
+
+
+def test_restart_keeps_two_leases_until_holders_exit(
+    make_workstation: Callable[..., Workstation],
+    start: Callable[..., DaemonProcess],
+    tmp_path: Path,
+) -> None:
+    """SIGTERM and a restart with two live holders: both locks stay held, then free at their exit.
+
+    The TTL is short and the holders run on past the moment their leases would
+    have expired without the new daemon's renewals.
+    """
+    workstation = make_workstation(lease={"ttl": "5s"})
+    first = start(workstation)
+    locks = ("api", "web")
+    holders = [ShellHolder(workstation, tmp_path / lock, lock) for lock in locks]
+    watches: list[LeaseWatch] = []
+    try:
+        leases = {lock: holder.lease() for lock, holder in zip(locks, holders, strict=True)}
+        watches = [
+            LeaseWatch(workstation.store_file, lock, lease["session_id"])
+            for lock, lease in leases.items()
+        ]
+        for watch in watches:
+            watch.start()
+
+        assert first.stop() == 0
+        assert sorted(kept_lease_ids(workstation)) == sorted(
+            lease["session_id"] for lease in leases.values()
+        )
+        expiry_at_stop = max(lock_row(workstation.store_file, lock)["expires_at"] for lock in locks)
+        log_offset = workstation.log_file.stat().st_size
+        start(workstation)
+        for lock in locks:
+            wait_until(
+                lambda lock=lock: (
+                    f"lease resumed after restart: lock={lock}"
+                    in log_since(workstation, log_offset)
+                )
+            )
+        # Let both deploys outlive the leases that the first daemon left behind.
+        wait_until(lambda: machine_clock() > expiry_at_stop + 1.0, timeout=30)
+        for watch in watches:
+            watch.stop()
+
+        for watch in watches:
+            assert watch.readings > 0, watch.lock
+            assert watch.problems == [], watch.lock
+
+        for holder in holders:
+            holder.kill()
+        killed_at = time.monotonic()
+        wait_until(
+            lambda: all(lock_row(workstation.store_file, lock)["holder"] is None for lock in locks),
+            timeout=10,
+        )
+        assert time.monotonic() - killed_at < 1.0
+        for lock, lease in leases.items():
+            records = deployments(workstation.store_file, lease["session_id"])
+            assert [record["outcome"] for record in records] == ["abandoned"], lock
+            assert records[0]["token"] == lease["token"], lock
+    finally:
+        for watch in watches:
+            watch.stop()
+        for holder in holders:
+            holder.kill()

@@ -269,6 +269,51 @@ COMMANDS = (
         "show the daemon, the store, every lock and its queue",
         options=[Option(["--json"], "print the status as JSON")],
     ),
+    Command(
+        "service",
+        "run the daemon as a systemd user service (Linux) or a launchd agent (macOS)",
+        positionals=[
+            Positional(
+                "action",
+                "install|uninstall|status",
+                "install: write the unit files or agent and start it; uninstall: stop and "
+                "remove it; status: show whether it is installed, enabled and running",
+            )
+        ],
+        options=[
+            Option(
+                ["--dry-run"],
+                "print the files that install or uninstall would write and the commands it "
+                "would run, and change nothing",
+            )
+        ],
+    ),
+    Command(
+        "config",
+        "check or show the configuration, or make the daemon reload it",
+        positionals=[
+            Positional(
+                "action",
+                "check|show|reload",
+                "check: validate the config (exit 78 naming key, value and rule); show: every "
+                "effective value and where it comes from, secrets masked; reload: make the "
+                "running daemon read its config again",
+            )
+        ],
+        options=[
+            Option(
+                ["--config"],
+                "config file to check or show (default $XDG_CONFIG_HOME/deployd/config.toml)",
+                metavar="PATH",
+                convert=str,
+            ),
+            Option(["--json"], "print the values (show) or the changes (reload) as JSON"),
+        ],
+    ),
+    Command(
+        "doctor",
+        "check the socket, daemon, store, Slack and config, and print what to fix",
+    ),
 )
 _BY_NAME = {command.name: command for command in COMMANDS}
 
@@ -343,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # The reader of stdout went away (deployd status --json | head): say nothing more.
-        sys.stdout = None  # type: ignore[assignment]
+        sys.stdout = None
         return 141
 
 
@@ -372,6 +417,18 @@ def _dispatch(args: Arguments, command: list[str]) -> int:
         from deployd_client import report_commands
 
         return report_commands.run(args)
+    if args.command == "service":
+        from deployd_client import user_service
+
+        return user_service.run(args)
+    if args.command == "config":
+        from deployd_client import config_commands
+
+        return config_commands.run(args)
+    if args.command == "doctor":
+        from deployd_client import doctor
+
+        return doctor.run(args)
     raise UsageError(f"unknown command {args.command!r}")
 
 

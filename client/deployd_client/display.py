@@ -72,12 +72,14 @@ class WaitDisplay:
         self.started = time.monotonic()
         self._shown = False
         self._event: dict[str, Any] | None = None
+        self._event_at = self.started
 
     def update(self, event: dict[str, Any]) -> None:
         """Show a queue_position event."""
         if self.quiet:
             return
         self._event = event
+        self._event_at = time.monotonic()
         if self.terminal:
             self._draw()
         elif not self._shown:
@@ -108,6 +110,9 @@ class WaitDisplay:
     def _describe(self) -> str:
         event = self._event or {}
         parts: list[str] = []
+        frozen = event.get("frozen")
+        if isinstance(frozen, dict):
+            parts.append(f"frozen {describe_freeze(frozen)}")
         holder = event.get("holder")
         if isinstance(holder, dict):
             parts.append(f"held by {describe_holder(holder)}")
@@ -115,8 +120,11 @@ class WaitDisplay:
         if isinstance(position, int):
             parts.append(f"you are {ordinal(position)} in line")
         eta = event.get("eta")
-        if isinstance(eta, int | float):
-            parts.append(f"ETA ~{format_duration(eta)}")
+        # Deploy durations do not predict when a freeze ends.
+        if isinstance(eta, int | float) and not isinstance(frozen, dict):
+            # The estimate counts down between events, which may come seldom.
+            left = eta - (time.monotonic() - self._event_at)
+            parts.append(f"ETA ~{format_duration(left)}" if left >= 1 else "ETA overdue")
         return f"deployd: waiting for {self.lock}: " + "; ".join(parts or ["queued"])
 
     def _draw(self) -> None:

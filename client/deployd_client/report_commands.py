@@ -125,6 +125,10 @@ def _unfreeze(args: Arguments) -> int:
     fields = _scope(args, "unfreeze")
     result = _request("unfreeze", **fields)
     lifted = result.get("unfrozen")
-    what = "all locks" if args.all else args.lock
-    warn(f"unfroze {describe_freeze(lifted)}" if lifted else f"{what} was not frozen")
+    if lifted:
+        warn(f"unfroze {describe_freeze(lifted)}")
+    elif args.all:
+        warn("no freeze of all locks was in force; a freeze of one lock needs 'unfreeze LOCK'")
+    else:
+        warn(f"{args.lock} was not frozen")
     return exitcodes.OK

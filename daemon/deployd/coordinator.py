@@ -215,12 +215,14 @@ class Position:
     """Tell a waiting caller its place in line and who holds the lock.
 
     ``position`` counts from 1 for the next in line; ``holder`` is the lease
-    in the way, when known.
+    in the way, when known; ``frozen`` is the freeze in the way, if the store
+    reported one.
     """
 
     ticket: Ticket
     position: int
     holder: Lease | None
+    frozen: Freeze | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -604,7 +606,8 @@ class Coordinator:
             confirmed_at=now,
             next_renew_at=now,
             granted_at=now,
-            waited=max(0.0, now - ticket.arrived_at),
+            # The failed store call is no wait for a holder, so only a blocked caller waited.
+            waited=max(0.0, now - ticket.arrived_at) if ticket.blocked else 0.0,
             unlocked_since=wall_now,
             unlocked_reason=str(error),
             next_upgrade_at=now + self._poll_interval,
@@ -687,6 +690,11 @@ class Coordinator:
         )
         actions: list[Action] = []
         displaced = slot.holder
+        # The new holder takes the slot before the displaced one is dropped, so
+        # that dropping it does not send the granted ticket to the store again.
+        self._remove_ticket(slot, ticket)
+        slot.holder = held
+        self._leases[held.lease_id] = held
         if displaced is not None and displaced.lease_id != held.lease_id:
             # A forced grant took the lock from this daemon's own holder.
             message = (
@@ -696,9 +704,6 @@ class Coordinator:
             state = LockState(held.lock, held.lease.token, held.lease)
             actions.extend(self._lose(displaced, LeaseLost(held.lock, message, state), now, False))
 
-        self._remove_ticket(slot, ticket)
-        slot.holder = held
-        self._leases[held.lease_id] = held
         if ticket.cancelled:
             # The caller left while the grant was on its way: give the lock back.
             actions.extend(
@@ -741,7 +746,13 @@ class Coordinator:
     def _time_out(self, ticket: Ticket, now: float) -> list[Action]:
         waited = format_duration(now - ticket.arrived_at)
         holder = self._holder_for(ticket)
-        who = f" (held by {_describe(holder)})" if holder is not None else ""
+        frozen = self._freeze_for(ticket)
+        if frozen is not None:
+            who = f" ({describe_freeze(ticket.lock, frozen)})"
+        elif holder is not None:
+            who = f" (held by {_describe(holder)})"
+        else:
+            who = ""
         error = WaitTimedOut(
             f"gave up waiting for {ticket.lock} after {waited}{who}; "
             "retry with a longer --wait, or see 'deployd status'",
@@ -826,7 +837,7 @@ class Coordinator:
     def _position(self, slot: _Slot, ticket: Ticket) -> Position:
         index = next((i for i, queued in enumerate(slot.queue) if queued is ticket), 0)
         position = index + 1 + slot.queue[0].queued_ahead_in_store if slot.queue else 1
-        return Position(ticket, position, self._holder_for(ticket))
+        return Position(ticket, position, self._holder_for(ticket), self._freeze_for(ticket))
 
     def _positions(self, slot: _Slot) -> list[Action]:
         """Return a Position for every waiting caller of the lock, in one pass over the queue."""
@@ -834,8 +845,9 @@ class Coordinator:
             return []
         ahead_in_store = slot.queue[0].queued_ahead_in_store
         holder = self._holder_for(slot.queue[0])
+        frozen = self._freeze_for(slot.queue[0])
         return [
-            Position(ticket, index + 1 + ahead_in_store, holder)
+            Position(ticket, index + 1 + ahead_in_store, holder, frozen)
             for index, ticket in enumerate(slot.queue)
             if ticket.waits()
         ]
@@ -847,6 +859,13 @@ class Coordinator:
         if slot is not None and slot.queue and slot.queue[0].last_seen is not None:
             return slot.queue[0].last_seen.lease
         return ticket.last_seen.lease if ticket.last_seen else None
+
+    def _freeze_for(self, ticket: Ticket) -> Freeze | None:
+        """Return the freeze that the store last reported for the lock's queue head."""
+        slot = self._slots.get(ticket.lock)
+        head = slot.queue[0] if slot is not None and slot.queue else ticket
+        seen = head.last_seen or ticket.last_seen
+        return seen.frozen if seen is not None else None
 
     def _busy_here(self, slot: _Slot) -> LockBusy:
         if slot.holder is not None:
@@ -894,7 +913,15 @@ def busy_message(lock: str, lease: Lease) -> str:
 
 
 def frozen_message(lock: str, freeze: Freeze) -> str:
-    """Return the one-line message for a frozen lock: scope, who, since, until and why."""
+    """Return the one-line message for a frozen lock: scope, who, since, until, why, what to do."""
+    return (
+        f"{describe_freeze(lock, freeze)}; "
+        "wait for the freeze to end with --wait DURATION, or pass it with --force --reason TEXT"
+    )
+
+
+def describe_freeze(lock: str, freeze: Freeze) -> str:
+    """Describe the freeze that stops ``lock``: scope, who, since, until and why."""
     what = "all locks are" if freeze.scope == ALL_LOCKS else f"{lock} is"
     since = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(freeze.at))
     until = (
@@ -902,7 +929,4 @@ def frozen_message(lock: str, freeze: Freeze) -> str:
         if freeze.until is not None
         else ""
     )
-    return (
-        f"{what} frozen by {freeze.by} since {since}{until}: {freeze.reason!r}; "
-        "wait for the freeze to end with --wait DURATION, or pass it with --force --reason TEXT"
-    )
+    return f"{what} frozen by {freeze.by} since {since}{until}: {freeze.reason!r}"

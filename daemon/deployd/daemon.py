@@ -5,12 +5,20 @@ socket file, open the store, resume the leases the previous daemon kept,
 listen. Stop (SIGTERM or SIGINT): stop accepting, release the leases whose
 holders are gone, keep the others for the next daemon, remove the socket,
 exit 0.
+
+Under systemd the listening socket may come from ``deployd.socket`` (socket
+activation). The daemon then serves that socket and never removes or
+re-creates its file, because the file belongs to systemd. The daemon lock
+still keeps a second daemon out. With ``NOTIFY_SOCKET`` set the daemon reports its
+readiness, reloads and stop, and sends watchdog pings (``deployd.systemd``).
+SIGHUP reloads the configuration (``deployd.reload``).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -21,9 +29,10 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import replace
 
 import anyio
-from anyio.abc import SocketListener, TaskGroup
+from anyio.abc import SocketListener, TaskGroup, TaskStatus
 
 from deployd import __version__
 from deployd.config import Config
@@ -33,12 +42,19 @@ from deployd.handlers import DaemonInfo, Ops
 from deployd.models import Outcome, OutcomeStatus
 from deployd.notifiers import Notifier, create_notifier
 from deployd.processes import is_alive
+from deployd.reload import ConfigReloader
 from deployd.report_ops import ReportOps
 from deployd.server import Limits, Server
 from deployd.service import Binding, LeaseService
 from deployd.sessions import new_daemon_id, short_hostname
 from deployd.state import KeptLease, LocalState
 from deployd.stores import create_store
+from deployd.systemd import (
+    ActivationError,
+    NotifySocket,
+    check_socket_path,
+    take_listening_socket,
+)
 from deployd_client import exitcodes, paths
 
 logger = logging.getLogger("deployd.daemon")
@@ -111,13 +127,17 @@ def _answers(path: str) -> bool:
         probe.close()
 
 
-def take_daemon_lock(directory: str, socket_path: str, wait: float = LOCK_WAIT) -> int:
+def take_daemon_lock(
+    directory: str, socket_path: str, wait: float = LOCK_WAIT, probe: bool = True
+) -> int:
     """Take the exclusive lock that makes this the only daemon on the socket directory.
 
     A daemon that answers on the socket means another daemon runs: refuse.
     A lock held by a daemon that does not answer is one that is stopping: wait
-    for it up to ``wait`` seconds. Returns the lock file's descriptor, which
-    must stay open for the daemon's lifetime.
+    for it up to ``wait`` seconds. Without ``probe`` (a socket from systemd,
+    which accepts connections for whichever daemon serves it) every holder
+    of the lock is waited for. Returns the lock file's descriptor, which must
+    stay open for the daemon's lifetime.
     """
     lock_path = os.path.join(directory, "deployd.lock")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -131,7 +151,7 @@ def take_daemon_lock(directory: str, socket_path: str, wait: float = LOCK_WAIT) 
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
             return fd
-        if _answers(socket_path) or time.monotonic() >= deadline:
+        if (probe and _answers(socket_path)) or time.monotonic() >= deadline:
             running = _read_lock_pid(fd)
             os.close(fd)
             stop_command = f"kill {running}" if running else f"kill $(cat {lock_path})"
@@ -192,12 +212,24 @@ def bind_listener(path: str) -> socket.socket:
 class Daemon:
     """One run of the daemon on one socket."""
 
-    def __init__(self, config: Config, socket_path: str) -> None:
+    def __init__(
+        self,
+        config: Config,
+        socket_path: str,
+        config_path: str | None = None,
+        listening: socket.socket | None = None,
+        notify: NotifySocket | None = None,
+    ) -> None:
+        """``config_path`` is the ``--config`` file, if any; ``listening`` a socket from systemd."""
         self.config = config
         self.socket_path = socket_path
+        self.config_path = config_path
+        self.listening = listening
+        self.notify = notify or NotifySocket(None)
         self.daemon_id = new_daemon_id(short_hostname())
         self._stop: anyio.Event | None = None
         self._stop_requested = False
+        self._socket_inode: int | None = None
 
     def request_stop(self) -> None:
         """Ask the daemon to stop as on SIGTERM."""
@@ -213,9 +245,18 @@ class Daemon:
         directory = os.path.dirname(self.socket_path)
         with ExitStack() as cleanup:
             check_socket_dir(directory)
-            lock_fd = await anyio.to_thread.run_sync(take_daemon_lock, directory, self.socket_path)
+            if self.listening is not None:
+                cleanup.callback(self.listening.close)
+                try:
+                    check_socket_path(self.listening, self.socket_path)
+                except ActivationError as exc:
+                    raise StartupError(str(exc), exitcodes.CONFIG) from exc
+            lock_fd = await anyio.to_thread.run_sync(
+                take_daemon_lock, directory, self.socket_path, LOCK_WAIT, self.listening is None
+            )
             cleanup.callback(os.close, lock_fd)
-            reclaim_socket(self.socket_path)
+            if self.listening is None:
+                reclaim_socket(self.socket_path)
 
             store = create_store(self.config)
             try:
@@ -255,8 +296,16 @@ class Daemon:
                 limits=Limits(half_line_timeout=self.config.server.half_line_timeout),
                 on_close=service.unbind_connection,
             )
+            reloader = ConfigReloader(
+                self.config,
+                self.config_path,
+                functools.partial(self._apply_config, service, server, info),
+                notify=self.notify,
+                ready_status=self._ready_status(store.kind),
+            )
+            server.handlers["reload"] = reloader.reload_op
             try:
-                await self._serve(service, server, state, ready, notifier=notifier)
+                await self._serve(service, server, state, ready, reloader, notifier=notifier)
             finally:
                 with anyio.CancelScope(shield=True):
                     await store.aclose()
@@ -271,6 +320,7 @@ class Daemon:
         server: Server,
         state: LocalState,
         ready: Callable[[], None] | None,
+        reloader: ConfigReloader,
         notifier: Notifier | None = None,
     ) -> None:
         async with anyio.create_task_group() as task_group:
@@ -282,8 +332,12 @@ class Daemon:
             listeners: list[SocketListener] = []
             async with anyio.create_task_group() as connections:
                 inode = await self._listen(server, connections, listeners)
-                task_group.start_soon(self._watch_signals)
+                assert self._stop is not None
+                # Started before READY=1, so that a SIGHUP right after it reloads, not kills.
+                await task_group.start(self._watch_signals, reloader, task_group)
                 task_group.start_soon(self._guard_socket, server, connections, listeners, inode)
+                task_group.start_soon(reloader.watch, self._stop)
+                task_group.start_soon(self.notify.run_watchdog)
                 logger.info(
                     "daemon started: version=%s pid=%d daemon_id=%s socket=%s store=%s",
                     __version__,
@@ -292,12 +346,13 @@ class Daemon:
                     self.socket_path,
                     service.store.kind,
                 )
+                self.notify.ready(self._ready_status(service.store.kind))
                 if ready is not None:
                     ready()
-                assert self._stop is not None
                 await self._stop.wait()
 
                 logger.info("stopping: no new connections")
+                self.notify.stopping("stopping: keeping the leases of running deploys")
                 for listener in listeners:
                     await listener.aclose()
                 kept = await service.stop()
@@ -307,19 +362,24 @@ class Daemon:
                 state.save_owed(service.unlocked.owed)
                 if notifier is not None:
                     await notifier.flush(NOTIFIER_FLUSH_TIMEOUT)
-                _remove_socket(self.socket_path)
+                if self.listening is None:
+                    _remove_socket(self.socket_path, self._socket_inode)
                 connections.cancel_scope.cancel()
             task_group.cancel_scope.cancel()
 
     async def _listen(
         self, server: Server, connections: TaskGroup, listeners: list[SocketListener]
     ) -> int:
-        """Create the socket file and serve it; return the socket file's inode."""
-        raw = bind_listener(self.socket_path)
+        """Serve the socket from systemd, or create the socket file; return the file's inode."""
+        if self.listening is not None and not listeners:
+            raw = self.listening
+        else:
+            raw = bind_listener(self.socket_path)
         listener = await SocketListener.from_socket(raw)
         listeners.append(listener)
         connections.start_soon(server.serve, listener, connections)
-        return os.lstat(self.socket_path).st_ino
+        self._socket_inode = os.lstat(self.socket_path).st_ino
+        return self._socket_inode
 
     async def _guard_socket(
         self,
@@ -354,17 +414,50 @@ class Daemon:
                     os.getpid(),
                 )
                 continue
+            if self.listening is not None:
+                logger.error(
+                    "the socket file %s from systemd was deleted, so clients cannot reach this "
+                    "daemon (pid %d); run 'systemctl --user restart deployd.socket "
+                    "deployd.service'",
+                    self.socket_path,
+                    os.getpid(),
+                )
+                return
             logger.warning("the socket file %s was deleted; creating it again", self.socket_path)
             try:
                 inode = await self._listen(server, connections, listeners)
             except StartupError as exc:
                 logger.error("cannot create the socket file again: %s", exc)
 
-    async def _watch_signals(self) -> None:
+    def _ready_status(self, store_kind: str) -> str:
+        """Return the status line that systemd shows for a daemon that serves."""
+        return f"serving {self.socket_path} (store: {store_kind}, pid {os.getpid()})"
+
+    def _apply_config(
+        self, service: LeaseService, server: Server, info: DaemonInfo, config: Config
+    ) -> None:
+        """Put a reloaded config in force; new leases, connections and log lines use it."""
+        previous = self.config
+        self.config = config
+        service.update_config(config)
+        server.limits = replace(server.limits, half_line_timeout=config.server.half_line_timeout)
+        info.config_file = config.file
+        if config.log != previous.log:
+            configure_logging(config)
+
+    async def _watch_signals(
+        self,
+        reloader: ConfigReloader,
+        task_group: TaskGroup,
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    logger.info("SIGHUP received; configuration reload is not supported yet")
+                    logger.info("received SIGHUP: reloading the configuration")
+                    task_group.start_soon(reloader.reload_quietly, "SIGHUP")
                     continue
                 logger.info("received %s", signal.Signals(signum).name)
                 self.request_stop()
@@ -441,8 +534,12 @@ def _kept_record(held: HeldLease, binding: Binding) -> KeptLease:
     )
 
 
-def _remove_socket(path: str) -> None:
+def _remove_socket(path: str, inode: int | None) -> None:
+    """Remove the socket file at ``path`` if it is still the one this daemon created."""
     try:
+        if inode is not None and os.lstat(path).st_ino != inode:
+            logger.info("leaving %s alone: it is no longer this daemon's socket file", path)
+            return
         os.unlink(path)
     except OSError as exc:
         if exc.errno != errno.ENOENT:
@@ -482,7 +579,14 @@ def serve_main(config_path: str | None = None) -> int:
     configure_logging(config)
     socket_path = paths.socket_path()
     try:
-        daemon = Daemon(config, socket_path)
+        listening = take_listening_socket()
+    except ActivationError as exc:
+        logger.error("cannot start: %s", exc)
+        print(f"deployd serve: {exc}", file=sys.stderr)
+        return exitcodes.CONFIG
+    notify = NotifySocket.from_environment()
+    try:
+        daemon = Daemon(config, socket_path, config_path, listening, notify)
         try:
             return anyio.run(daemon.run)
         except BaseExceptionGroup as group:

@@ -28,6 +28,7 @@ from deployd.errors import (
 from deployd.models import Outcome, Owner, Purpose
 from deployd.notifiers import Notifier
 from deployd.processes import ancestors, parent_pid
+from deployd.reports import LEASE_SCHEMA
 from deployd.server import PROTOCOL_VERSIONS, Connection, Handler
 from deployd.service import AcquireSpec, LeaseService
 from deployd.sessions import short_hostname
@@ -368,6 +369,7 @@ class Ops:
         binding = self.service.binding(held.lease_id)
         key = binding.key if binding is not None else None
         return {
+            "schema": LEASE_SCHEMA,
             "lease": held.lease.to_json(),
             "lease_id": f"{held.lease_id}{LEASE_KEY_SEPARATOR}{key}" if key else held.lease_id,
             "session_id": held.lease_id,

@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import anyio
 
 from deployd.errors import InvalidArgument, StoreError, StoreUnavailable
 from deployd.handlers import DaemonInfo, Params, user_of
-from deployd.models import ALL_LOCKS, Owner
+from deployd.models import ALL_LOCKS, Deployment, Freeze, LockState, Owner
 from deployd.notifiers import Notifier, notifier_off
 from deployd.reports import REPORT_SCHEMA, history_report, lease_report, stats_report
 from deployd.server import Connection, Handler
@@ -81,8 +82,8 @@ class ReportOps:
         latest: list[dict[str, Any]] = []
         started = time.monotonic()
         try:
-            states = await self._store_call(self.service.store.list_locks())
-            store["latency"] = round(time.monotonic() - started, 4)
+            states, freeze_list, records, latency = await self._read_status()
+            store["latency"] = round(latency, 4)
             store["reachable"] = True
             now = time.time()
             for state in states:
@@ -90,10 +91,7 @@ class ReportOps:
                 if state.lease is not None:
                     entry["lease"] = lease_report(state.lease, now)
                 locks.append(entry)
-            freezes = [
-                freeze.to_json() for freeze in await self._store_call(self.service.store.freezes())
-            ]
-            records = await self._store_call(self.service.store.history(limit=LATEST_DEPLOYS))
+            freezes = [freeze.to_json() for freeze in freeze_list]
             latest = [record.to_json() for record in records]
         except StoreError as exc:
             store["reachable"] = False
@@ -122,6 +120,35 @@ class ReportOps:
             "latest": latest,
             "notifications": self._notifications(),
         }
+
+    async def _read_status(
+        self,
+    ) -> tuple[list[LockState], list[Freeze], list[Deployment], float]:
+        """Read the locks, the freezes and the latest deploys at once; raise the first StoreError.
+
+        Firestore runs the three queries in parallel, so status costs the
+        slowest of them rather than their sum. The float is how long listing
+        the locks took, in seconds.
+        """
+        store = self.service.store
+        results: dict[str, Any] = {}
+        errors: list[StoreError] = []
+
+        async def read(name: str, call: Awaitable[Any]) -> None:
+            started = time.monotonic()
+            try:
+                results[name] = await self._store_call(call)
+            except StoreError as exc:
+                errors.append(exc)
+            results[f"{name}_seconds"] = time.monotonic() - started
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(read, "locks", store.list_locks())
+            group.start_soon(read, "freezes", store.freezes())
+            group.start_soon(read, "latest", store.history(limit=LATEST_DEPLOYS))
+        if errors:
+            raise errors[0]
+        return results["locks"], results["freezes"], results["latest"], results["locks_seconds"]
 
     def _held_leases(self, now: float) -> list[dict[str, Any]]:
         leases = []

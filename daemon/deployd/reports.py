@@ -15,7 +15,11 @@ from typing import Any
 
 from deployd.models import Deployment, Lease, OutcomeStatus
 
-REPORT_SCHEMA = 1
+# Versions of the JSON shapes described in docs/json.md. Each grows when a
+# field is removed or changes meaning; new fields keep the version.
+REPORT_SCHEMA = 1  # status, locks, history, stats, freeze, unfreeze
+LEASE_SCHEMA = 1  # the lease that acquire and hold return
+EVENT_SCHEMA = 1  # events pushed to a client: queue_position, lease_renewed, ...
 # A lease is "late" when its last renewal is older than this share of its TTL:
 # with renewals every third of the TTL, one renewal is overdue by then.
 LATE_SHARE = 0.5

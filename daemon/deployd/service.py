@@ -63,7 +63,7 @@ from deployd.models import (
     Takeover,
 )
 from deployd.processes import ProcessIdentity, ancestors, identify, is_alive, wait_for_exit
-from deployd.reports import eta
+from deployd.reports import EVENT_SCHEMA, eta
 from deployd.sessions import new_acquisition_id, new_session_id
 from deployd.stores.base import LeaseStore
 from deployd.unlocked import UnlockedDeploys, overlap_event
@@ -135,6 +135,8 @@ class _Pending:
     error: DeploydError | None = None
     position_sent_at: float | None = None
     position_due: Position | None = None
+    # The last position sent, sent again when the lock's ETA becomes known.
+    position_sent: Position | None = None
     waiting_announced: bool = False
 
 
@@ -689,6 +691,7 @@ class LeaseService:
             held,
             {
                 "event": "lease_locked",
+                "schema": EVENT_SCHEMA,
                 "lock": held.lock,
                 "lease_id": held.lease_id,
                 "token": held.lease.token,
@@ -713,7 +716,13 @@ class LeaseService:
         )
         self._push(
             held,
-            {"event": "overlap", "lock": held.lock, "lease_id": held.lease_id, "message": message},
+            {
+                "event": "overlap",
+                "schema": EVENT_SCHEMA,
+                "lock": held.lock,
+                "lease_id": held.lease_id,
+                "message": message,
+            },
         )
 
     def _overlap_found(
@@ -960,16 +969,19 @@ class LeaseService:
     def _send_position(self, pending: _Pending, action: Position, now: float) -> None:
         pending.position_sent_at = now
         pending.position_due = None
+        pending.position_sent = action
         holder = action.holder
         holder_age = max(0.0, time.time() - holder.acquired_at) if holder is not None else 0.0
         pending.emit(
             {
                 "event": "queue_position",
+                "schema": EVENT_SCHEMA,
                 "lock": action.ticket.lock,
                 "position": action.position,
                 "holder": holder.to_json() if holder is not None else None,
                 "waiting_for": round(now - action.ticket.arrived_at, 3),
                 "eta": eta(self._median_duration(action.ticket.lock), holder_age, action.position),
+                "frozen": action.frozen.to_json() if action.frozen is not None else None,
             }
         )
 
@@ -998,6 +1010,19 @@ class LeaseService:
         ]
         median = statistics.median(durations) if durations else None
         self._durations[lock] = (self._clock(), median)
+        if median is None:
+            return
+        # The first events of a wait went out before the durations were read,
+        # and a caller queued behind a holder of this daemon gets no more
+        # until the line moves, so its ETA is sent now.
+        again: list[Action] = [
+            pending.position_sent
+            for pending in self._pending.values()
+            if pending.position_sent is not None
+            and pending.position_sent.ticket.lock == lock
+            and pending.position_due is None
+        ]
+        self._execute(again)
 
     def _flush_positions(self) -> float | None:
         """Send held-back position events that are due; return when the next one is."""
@@ -1037,6 +1062,7 @@ class LeaseService:
             return
         event = {
             "event": "lease_lost",
+            "schema": EVENT_SCHEMA,
             "lock": held.lock,
             "lease_id": held.lease_id,
             "message": str(action.error),
@@ -1130,6 +1156,7 @@ def renewed_event(held: HeldLease) -> dict[str, Any]:
     """
     return {
         "event": "lease_renewed",
+        "schema": EVENT_SCHEMA,
         "lock": held.lock,
         "lease_id": held.lease_id,
         "token": held.lease.token,

@@ -21,6 +21,7 @@ import anyio
 from deployd.coordinator import HeldLease
 from deployd.errors import StoreError
 from deployd.models import Deployment, Outcome
+from deployd.reports import EVENT_SCHEMA
 from deployd.stores.base import LeaseStore
 from deployd_client.durations import format_duration
 
@@ -179,6 +180,7 @@ def overlap_event(own: Deployment, others: list[Deployment]) -> dict[str, Any]:
     """Return the ``overlap`` event pushed to a client whose unlocked deploy overlapped others."""
     return {
         "event": "overlap",
+        "schema": EVENT_SCHEMA,
         "lock": own.lock,
         "lease_id": own.session_id,
         "message": "; ".join(describe_overlap(own, other) for other in others),

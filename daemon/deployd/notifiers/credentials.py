@@ -32,6 +32,16 @@ _TOKEN_PATTERN = re.compile(r"xox[a-z]-[A-Za-z0-9-]+|xoxe\.[A-Za-z0-9.-]+")
 _WEBHOOK_PATTERN = re.compile(r"(/services/)[A-Za-z0-9/_-]+")
 
 
+def redact(text: str) -> str:
+    """Return ``text`` with anything shaped like a Slack token or webhook URL path masked.
+
+    For text that may hold a secret that is not at hand as a Secret, such as
+    a config value under a misspelt key.
+    """
+    text = _TOKEN_PATTERN.sub(MASK, text)
+    return _WEBHOOK_PATTERN.sub(r"\1" + MASK, text)
+
+
 class Secret:
     """A token or webhook URL. Printing it shows a masked form; ``reveal()`` returns the value."""
 

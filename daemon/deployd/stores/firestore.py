@@ -41,10 +41,12 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
+import grpc  # type: ignore[import-untyped]
 from google.api_core import exceptions as api_exceptions
 from google.api_core.retry_async import AsyncRetry
 from google.auth.exceptions import DefaultCredentialsError
 from google.cloud.firestore import DELETE_FIELD, AsyncClient, FieldFilter, Increment, Query
+from google.cloud.firestore_v1.base_client import _DEFAULT_CHANNEL_OPTIONS, _GRPC_MSG_SIZE_OPTIONS
 
 from deployd.errors import ConfigError, LeaseLost, StoreUnavailable
 from deployd.models import (
@@ -110,6 +112,18 @@ logger = logging.getLogger("deployd.store.firestore")
 # The project used with the emulator when neither store.project nor
 # GOOGLE_CLOUD_PROJECT names one.
 EMULATOR_PROJECT = "deployd-local"
+
+# gRPC's pause between attempts to reconnect a channel, in milliseconds. By
+# default it grows to 120 s (doc/connection-backoff.md in grpc/grpc), and a
+# channel that waits to reconnect fails every call at once, so the store would
+# go on failing for up to two minutes after Firestore is reachable again. With
+# these, it tries again at least once a second. grpc.min_reconnect_backoff_ms
+# is left alone: despite its name, it is the time that one connection attempt
+# may take (20 s).
+_RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 # Backoff in seconds between the library's attempts within one call.
 _RETRY_INITIAL = 0.05
@@ -258,7 +272,7 @@ class FirestoreStore(LeaseStore):
 
     def _create_client(self) -> AsyncClient:
         try:
-            return AsyncClient(project=self.project, database=self.database)
+            return _ReconnectingClient(project=self.project, database=self.database)
         except DefaultCredentialsError as exc:
             raise StoreUnavailable(
                 f"{self._describe_store()}: no Application Default Credentials found ({exc}); "
@@ -1038,6 +1052,34 @@ class _CountedRetry(AsyncRetry):
             return await func(*args, **kwargs)
 
         return super().__call__(attempt, on_error)
+
+
+class _ReconnectingClient(AsyncClient):
+    """An AsyncClient whose gRPC channel tries to reconnect at least once a second."""
+
+    def _firestore_api_helper(self, transport: Any, client_class: Any, client_module: Any) -> Any:
+        # NOTE: google-cloud-firestore 2.34 takes no gRPC channel options, so
+        # this repeats its private BaseClient._firestore_api_helper with
+        # _RECONNECT_OPTIONS added to the options that the library sets.
+        if self._firestore_api_internal is None:
+            if self._emulator_host is not None:
+                token = getattr(self._credentials, "id_token", None) or "owner"
+                options = [("Authorization", f"Bearer {token}"), *_GRPC_MSG_SIZE_OPTIONS]
+                channel = grpc.aio.insecure_channel(
+                    self._emulator_host, options=[*options, *_RECONNECT_OPTIONS]
+                )
+            else:
+                channel = transport.create_channel(
+                    self._target,
+                    credentials=self._credentials,
+                    options=[*_DEFAULT_CHANNEL_OPTIONS, *_RECONNECT_OPTIONS],
+                )
+            self._transport = transport(host=self._target, channel=channel)
+            self._firestore_api_internal = client_class(
+                transport=self._transport, client_options=self._client_options
+            )
+            client_module._client_info = self._client_info
+        return self._firestore_api_internal
 
 
 async def _close_client(client: AsyncClient) -> None:

@@ -331,8 +331,11 @@ def _record_time(data: dict[str, Any], field: str, clock: ServerClock) -> float 
 
 def lock_name_of(snapshot: DocumentSnapshot[Any]) -> str:
     """Return the name of the lock that a lock or queue document belongs to."""
-    data = snapshot.to_dict() or {}
-    name = data.get("name")
+    # get() copies one field, where to_dict() would deep-copy the whole document.
+    try:
+        name = snapshot.get("name")
+    except KeyError:
+        name = None
     if isinstance(name, str):
         return name
 
@@ -475,16 +478,20 @@ def finished_record_fields(
     ``finished_by`` is the session that ended the lease: its holder on
     release, the new holder on a takeover. ``release_id`` identifies the
     release call, so that a release whose reply was lost can be recognized.
+    An outcome without a detail leaves the grant's detail (a passed freeze)
+    in place, because the fields are merged into the record.
     """
-    return {
+    fields: dict[str, Any] = {
         "finished": SERVER_TIMESTAMP,
         "outcome": outcome.status.value,
         "exit_code": outcome.exit_code,
         "revision": outcome.revision,
-        "detail": outcome.detail,
         "finished_by": finished_by,
         "release_id": release_id,
     }
+    if outcome.detail is not None:
+        fields["detail"] = outcome.detail
+    return fields
 
 
 def waiter_fields(waiter_id: str, owner: Owner, purpose: Purpose, ttl: float) -> dict[str, Any]:

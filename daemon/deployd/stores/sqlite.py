@@ -978,9 +978,10 @@ def _complete_replaced_deployment(
 def _complete_deployment(
     db: sqlite3.Connection, lock: str, token: int, outcome: Outcome, wall_now: float
 ) -> None:
+    # An outcome without a detail keeps the grant's detail, such as a passed freeze.
     db.execute(
         "UPDATE deployments SET finished_at = ?, outcome = ?, exit_code = ?, revision = ?, "
-        "detail = ? WHERE lock = ? AND token = ? AND finished_at IS NULL",
+        "detail = COALESCE(?, detail) WHERE lock = ? AND token = ? AND finished_at IS NULL",
         (
             wall_now,
             outcome.status.value,
