@@ -24,11 +24,21 @@ import pytest
 DRIVER = r"""
 import ctypes, json, os, signal, subprocess, sys, time
 
-case, python = sys.argv[1], sys.argv[2]
+case, python, keep = sys.argv[1], sys.argv[2], sys.argv[3:]
 uid = os.getuid()
-subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", "/tmp"], check=True)
 os.makedirs("/run/user", exist_ok=True)
 subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", "/run/user"], check=True)
+# A checkout or virtual environment under /tmp would be hidden by the new tmpfs,
+# so each such top-level directory is bind-mounted back from the host /tmp.
+kept_dirs = sorted({"/tmp/" + p.split("/")[2] for p in keep if p.startswith("/tmp/")})
+if kept_dirs:
+    os.mkdir("/run/user/.host-tmp")
+    subprocess.run(["mount", "--bind", "/tmp", "/run/user/.host-tmp"], check=True)
+subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", "/tmp"], check=True)
+for kept in kept_dirs:
+    os.mkdir(kept)
+    source = "/run/user/.host-tmp/" + kept.split("/")[2]
+    subprocess.run(["mount", "--bind", source, kept], check=True)
 if case == "run-user":
     os.mkdir(f"/run/user/{uid}", 0o700)
 home = "/tmp/home"
@@ -125,6 +135,18 @@ needs_private_namespace = pytest.mark.skipif(
 )
 
 
+def paths_to_keep() -> list[str]:
+    """Return the paths the clients need: the interpreter, its environment and this checkout."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return [
+        os.path.abspath(sys.executable),
+        os.path.realpath(sys.executable),
+        sys.prefix,
+        sys.base_prefix,
+        repo,
+    ]
+
+
 def run_case(case: str) -> dict[str, Any]:
     result = subprocess.run(
         [
@@ -137,6 +159,7 @@ def run_case(case: str) -> dict[str, Any]:
             DRIVER,
             case,
             sys.executable,
+            *paths_to_keep(),
         ],
         capture_output=True,
         text=True,
