@@ -10,6 +10,11 @@ import pytest
 
 # The Firestore emulator fixtures, registered for every test module.
 from firestore_emulator import firestore_emulator, firestore_namespace  # noqa: F401
+from firestore_stations import (  # noqa: F401
+    make_firestore_workstation,
+    private_emulator,
+    store_reader,
+)
 from harness import DaemonProcess, Workstation, short_tempdir, start_daemon
 
 
