@@ -137,7 +137,9 @@ class Workstation:
             **kwargs,
         )
 
-    def spawn(self, *args: str, env: Mapping[str, str] | None = None, **kwargs: Any) -> subprocess.Popen[str]:
+    def spawn(
+        self, *args: str, env: Mapping[str, str] | None = None, **kwargs: Any
+    ) -> subprocess.Popen[str]:
         """Start the ``deployd`` command in the background."""
         kwargs.setdefault("stdout", subprocess.PIPE)
         kwargs.setdefault("stderr", subprocess.PIPE)
@@ -214,7 +216,7 @@ class RawConnection:
         self.sock.close()
 
 
-class raw_connection:  # noqa: N801 - used as a context manager like open()
+class raw_connection:
     """Open a RawConnection to a socket path."""
 
     def __init__(self, path: Path) -> None:
@@ -273,7 +275,9 @@ class DaemonProcess:
         return self.workstation.log_file.read_text(errors="replace")
 
 
-def start_daemon(workstation: Workstation, wait: bool = True, timeout: float = 20.0) -> DaemonProcess:
+def start_daemon(
+    workstation: Workstation, wait: bool = True, timeout: float = 20.0
+) -> DaemonProcess:
     """Start ``deployd serve`` for ``workstation`` and wait until it answers."""
     if not workstation.config_file.exists():
         workstation.write_config()
@@ -298,7 +302,9 @@ def start_daemon(workstation: Workstation, wait: bool = True, timeout: float = 2
                 )
             if time.monotonic() > deadline:
                 daemon.kill()
-                raise AssertionError(f"deployd serve did not answer within {timeout}s:\n{daemon.log()}")
+                raise AssertionError(
+                    f"deployd serve did not answer within {timeout}s:\n{daemon.log()}"
+                )
             time.sleep(0.02)
     return daemon
 

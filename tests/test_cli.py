@@ -89,7 +89,9 @@ USAGE_ERRORS = [
         ["acquire", "api", "--", "true"], "only go with 'deployd run'", id="acquire-with-command"
     ),
     pytest.param(
-        ["acquire", "api", "--format", "yaml"], "must be one of text, json, env", id="unknown-format"
+        ["acquire", "api", "--format", "yaml"],
+        "must be one of text, json, env",
+        id="unknown-format",
     ),
     pytest.param(
         ["acquire", "api", "--wait", "-1"], "--wait must not be negative", id="negative-wait"

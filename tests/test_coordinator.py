@@ -42,10 +42,14 @@ class Harness:
 
     def __init__(self) -> None:
         ids = itertools.count(1)
-        self.coordinator = Coordinator(poll_interval=0.5, new_acquisition_id=lambda: f"acq{next(ids)}")
+        self.coordinator = Coordinator(
+            poll_interval=0.5, new_acquisition_id=lambda: f"acq{next(ids)}"
+        )
         self.tokens = itertools.count(1)
 
-    def ticket(self, lock: str = "api", wait: float | None = None, now: float = 0.0, **kwargs: object) -> Ticket:
+    def ticket(
+        self, lock: str = "api", wait: float | None = None, now: float = 0.0, **kwargs: object
+    ) -> Ticket:
         number = self.coordinator.next_ticket_id()
         return Ticket(
             id=number,
@@ -75,7 +79,9 @@ class Harness:
             version="1",
         )
 
-    def grant(self, attempt: Attempt, now: float, takeover: Takeover = Takeover.FREE) -> list[Action]:
+    def grant(
+        self, attempt: Attempt, now: float, takeover: Takeover = Takeover.FREE
+    ) -> list[Action]:
         result = Acquired(self.lease_for(attempt), takeover)
         return self.coordinator.attempt_done(attempt.ticket, result, now, now)
 
@@ -199,7 +205,7 @@ def test_waiter_positions_follow_queue() -> None:
 def test_busy_in_store_polls_until_free() -> None:
     harness = Harness()
     ticket = harness.ticket(wait=60.0)
-    (attempt,) = harness.coordinator.submit(ticket, now=0.0)
+    (_attempt,) = harness.coordinator.submit(ticket, now=0.0)
     actions = harness.coordinator.attempt_done(ticket, Busy(other_holder()), 0.0, 0.0)
     assert only(actions, Enqueue), "a waiter registers in the store after the first busy answer"
     assert harness.coordinator.next_deadline() == 0.5

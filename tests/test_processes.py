@@ -22,6 +22,7 @@ from typing import Any
 
 import anyio
 import pytest
+
 from deployd.processes import (
     ProcessIdentity,
     ancestors,
