@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -346,10 +346,18 @@ def daemon_responds(socket_path: str) -> bool:
 
 
 @contextmanager
-def running_daemon(config_text: str = "") -> Iterator[Daemon]:
-    """Start a daemon on SQLite in a temporary directory, and stop it by its pid on exit."""
+def running_daemon(
+    config_text: str = "", environment: Mapping[str, str] | None = None
+) -> Iterator[Daemon]:
+    """Start a daemon in a temporary directory, and stop it by its pid on exit.
+
+    The daemon uses SQLite unless ``config_text`` selects another store.
+    ``environment`` adds variables for the daemon and its clients, such as
+    FIRESTORE_EMULATOR_HOST.
+    """
     with private_tempdir("ddb") as root:
         env = daemon_env(root)
+        env.update(environment or {})
         Path(env["DEPLOYD_CONFIG"]).write_text(config_text, encoding="utf-8")
         log_path = root / "daemon.log"
         with open(log_path, "wb") as log:

@@ -295,6 +295,62 @@ def slack_section(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def firestore_section(data: dict[str, Any]) -> list[str]:
+    uncontended = data["uncontended"]
+    latency = uncontended["latency_ms"]
+    rpcs = uncontended["rpcs_per_acquire"]
+    rows = [
+        (name, f"{values['median']:.2f}", f"{values['p95']:.2f}", f"{rpcs[name]['mean']:.1f}")
+        for name, values in latency.items()
+    ]
+    contention = data["contention"]
+    contention_rows = [
+        (
+            name,
+            ", ".join(
+                f"{winners} in {rounds} rounds"
+                for winners, rounds in contention[name]["winners_per_round"].items()
+            ),
+            contention[name]["errors"],
+            f"{contention[name]['round_ms']['median']:.0f}",
+            f"{contention[name]['round_ms']['p95']:.0f}",
+            f"{contention[name]['rpcs_per_round']['median']:.0f}",
+        )
+        for name in ("daemon", "transaction")
+    ]
+    acquire = data["end_to_end"]["acquire_ms"]
+    lines = [
+        "## 5. Firestore store against a read-modify-write transaction",
+        "",
+        f"(a) Uncontended acquire, {uncontended['iterations']} runs each, ms; "
+        f"daemon / transaction (medians) {uncontended['daemon_over_transaction_median']:.2f}x; "
+        f"daemon CPU {uncontended['daemon_cpu_ms_per_acquire_and_release']:.1f} ms per "
+        "acquire and release.",
+        "",
+        *table(("approach", "median", "p95", "RPCs per acquire"), rows),
+        f"(b) {contention['contenders']} contenders per round, {contention['rounds']} rounds "
+        "each, through the RPC-counting proxy.",
+        "",
+        *table(
+            (
+                "approach",
+                "winners per round",
+                "errors",
+                "round median ms",
+                "round p95 ms",
+                "RPCs per round",
+            ),
+            contention_rows,
+        ),
+        f"(c) `deployd acquire`, {data['end_to_end']['iterations']} runs: "
+        f"p50 {acquire['median']:.1f} ms, p95 {acquire['p95']:.1f} ms.",
+        "",
+    ]
+    lines += [f"- target {name}: {verdict(met)}" for name, met in data["targets"].items()]
+    lines += ["", background_line(data), ""]
+    return lines
+
+
 SECTIONS = (
     ("machine", machine_section),
     ("call_cost", call_cost_section),
@@ -302,6 +358,7 @@ SECTIONS = (
     ("throughput", throughput_section),
     ("memory", memory_section),
     ("slack_overhead", slack_section),
+    ("firestore", firestore_section),
     ("daemon_profile", profile_section),
 )
 

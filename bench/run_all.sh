@@ -9,11 +9,18 @@
 #    this work tree.
 # 3. Run the call-cost, call-breakdown, throughput, memory, Slack-overhead
 #    and daemon-profile benchmarks.
-# 4. Write JSON to bench/results/ and the tables to bench/results/report.md.
+# 4. Start a Firestore emulator on a free loopback port, run the Firestore
+#    benchmark and the status benchmark (SQLite, then Firestore) against
+#    it, and stop it by its pid. Without the emulator (gcloud and its
+#    cloud-firestore-emulator component) the Firestore benchmark is skipped
+#    with a message, and the status benchmark runs on SQLite only.
+# 5. Write JSON to bench/results/ and the tables to bench/results/report.md.
 #
 # --reuse-venv keeps an existing bench/.venv and only reinstalls deployd into it.
 # Every daemon and etcd server is started by the Python scripts, which stop
-# them by pid on exit. This script starts no background process itself.
+# them by pid on exit. The Firestore emulator is the one background process
+# that this script starts itself. It runs in a process group of its own, and
+# the EXIT trap stops that group.
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -93,6 +100,64 @@ create_venv() {
     "$VENV_DIR/bin/python" -m pip install --quiet py-spy
 }
 
+# Print why the Firestore emulator cannot run here, or nothing when it can.
+emulator_problem() {
+    if ! command -v gcloud >/dev/null 2>&1; then
+        echo "gcloud is not installed"
+    elif ! command -v java >/dev/null 2>&1; then
+        echo "java is not installed"
+    elif [ ! -d "$(gcloud info --format='value(installation.sdk_root)' 2>/dev/null)/platform/cloud-firestore-emulator" ]; then
+        echo "the cloud-firestore-emulator component of gcloud is not installed"
+    fi
+}
+
+EMULATOR_PID=""
+
+# Start the emulator in a process group of its own on a free loopback port,
+# and wait until it responds. Sets EMULATOR_HOST.
+start_emulator() {
+    local port log
+    port=$("$PYTHON" -c 'import benchlib; print(benchlib.free_loopback_port())')
+    EMULATOR_HOST="127.0.0.1:$port"
+    log="$BENCH_DIR/results/firestore_emulator.log"
+    # Job control puts the background job in a process group of its own, whose
+    # id is its pid, so stop_emulator can end gcloud, its shell script and Java.
+    set -m
+    gcloud emulators firestore start --host-port="$EMULATOR_HOST" >"$log" 2>&1 &
+    EMULATOR_PID=$!
+    set +m
+    trap stop_emulator EXIT
+    for _ in $(seq 180); do
+        if "$PYTHON" -c 'import sys, urllib.request
+sys.exit(urllib.request.urlopen("http://" + sys.argv[1] + "/", timeout=1).read().strip() != b"Ok")' \
+            "$EMULATOR_HOST" 2>/dev/null; then
+            return
+        fi
+        if ! kill -0 "$EMULATOR_PID" 2>/dev/null; then
+            echo "run_all.sh: the Firestore emulator exited at start; see $log" >&2
+            exit 69
+        fi
+        sleep 0.5
+    done
+    echo "run_all.sh: the Firestore emulator did not respond within 90s; see $log" >&2
+    exit 69
+}
+
+# Stop the emulator's process group: SIGTERM, then SIGKILL after 15 s.
+stop_emulator() {
+    if [ -z "$EMULATOR_PID" ]; then
+        return
+    fi
+    kill -TERM -- "-$EMULATOR_PID" 2>/dev/null || true
+    for _ in $(seq 30); do
+        kill -0 -- "-$EMULATOR_PID" 2>/dev/null || break
+        sleep 0.5
+    done
+    kill -KILL -- "-$EMULATOR_PID" 2>/dev/null || true
+    wait "$EMULATOR_PID" 2>/dev/null || true
+    EMULATOR_PID=""
+}
+
 install_debian_packages
 create_venv
 
@@ -113,6 +178,19 @@ echo "== 4. what Slack notifications add to a call"
 "$PYTHON" slack_overhead.py
 echo "== daemon profile"
 "$PYTHON" profile_daemon.py
+echo "== 5. the Firestore store against a read-modify-write transaction"
+why=$(emulator_problem)
+if [ -z "$why" ]; then
+    start_emulator
+    "$PYTHON" firestore_bench.py --emulator-host "$EMULATOR_HOST"
+    echo "== 6. status with 500 locks and 10,000 deployment records, SQLite and Firestore"
+    "$PYTHON" status_bench.py --emulator-host "$EMULATOR_HOST"
+    stop_emulator
+else
+    echo "run_all.sh: skipping the Firestore benchmark: $why" >&2
+    echo "== 6. status with 500 locks and 10,000 deployment records, SQLite only"
+    "$PYTHON" status_bench.py
+fi
 echo "== report"
 "$PYTHON" report.py
 echo "== tables written to $BENCH_DIR/results/report.md"
