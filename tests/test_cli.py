@@ -534,3 +534,31 @@ def test_autostart_starts_daemon(workstation: Workstation) -> None:
     finally:
         stop_started_daemon(workstation, daemon_pid)
     assert not workstation.socket.exists(), "the stopped daemon left its socket file"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/environ")
+def test_autostart_drops_lease_variables(workstation: Workstation) -> None:
+    """A daemon started from inside a deploy does not inherit that deploy's lease."""
+    env = workstation.env()
+    del env["DEPLOYD_NO_AUTOSTART"]
+    env.update(
+        DEPLOYD_LEASE_ID="dpl_x+k",
+        DEPLOYD_FENCING_TOKEN="7",
+        DEPLOYD_LEASE_DEPTH="1",
+        DEPLOYD_LOCK="api",
+        DEPLOYD_KEEP_ME="yes",
+    )
+    daemon_pid = None
+    try:
+        result = workstation.deployd("status", "--json", env=env)
+        assert result.returncode == 0, result.stderr
+        daemon_pid = json.loads(result.stdout)["daemon"]["pid"]
+        raw = Path(f"/proc/{daemon_pid}/environ").read_bytes()
+        names = {entry.split(b"=", 1)[0].decode() for entry in raw.split(b"\0") if entry}
+    finally:
+        stop_started_daemon(workstation, daemon_pid)
+    assert "DEPLOYD_LEASE_ID" not in names
+    assert "DEPLOYD_FENCING_TOKEN" not in names
+    assert "DEPLOYD_LEASE_DEPTH" not in names
+    assert "DEPLOYD_LOCK" not in names
+    assert "DEPLOYD_KEEP_ME" in names

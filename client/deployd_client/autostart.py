@@ -71,8 +71,22 @@ _PATH_VARIABLES = (
 )
 
 
+# Variables that describe the caller's own lease. A daemon started from inside
+# a deploy serves every later caller too, so it must not carry them.
+_LEASE_VARIABLES = (
+    "DEPLOYD_LEASE_ID",
+    "DEPLOYD_FENCING_TOKEN",
+    "DEPLOYD_LEASE_DEPTH",
+    "DEPLOYD_LEASE_TTL",
+    "DEPLOYD_LOCK",
+)
+
+
 def _daemon_environment() -> dict[str, str]:
+    """Return the environment for a daemon started by this client."""
     env = dict(os.environ)
+    for name in _LEASE_VARIABLES:
+        env.pop(name, None)
     for name in _PATH_VARIABLES:
         value = env.get(name)
         if value:
