@@ -23,7 +23,13 @@ from deployd_client.options import (
     UsageError,
     top_level_help,
 )
-from deployd_client.protocol import ClientError, DaemonError, NoDaemon, SocketPermissionDenied
+from deployd_client.protocol import (
+    ClientError,
+    Connection,
+    DaemonError,
+    NoDaemon,
+    SocketPermissionDenied,
+)
 
 # Importing typing costs a client call several milliseconds, so annotations
 # only name its types for the type checker.
@@ -71,7 +77,12 @@ def _lease_options() -> list[Option]:
         ),
         Option(
             ["--force"],
-            "take the lock even from a live holder; needs --reason, and is recorded and announced",
+            "take the lock even from a live holder; needs --reason, asks for confirmation "
+            "(or --yes), and is recorded and announced",
+        ),
+        Option(
+            ["--yes", "-y"],
+            "with --force: do not ask for confirmation (needed when not on a terminal)",
         ),
         Option(["--quiet", "-q"], "print no progress while waiting"),
     ]
@@ -468,8 +479,10 @@ def _acquire(args: Arguments) -> int:
         )
     joined = join_outer_lease("acquire", args.lock)
     if joined is not None:
-        _print_lease(joined, args.format, lease_depth() + 1)
+        _print_lease(joined, args.format, joined_depth(args.lock))
         return exitcodes.OK
+    if not confirm_forced_lease(args):
+        return exitcodes.BUSY
     display = WaitDisplay(args.lock, quiet=args.quiet)
     try:
         connection, result = wait_for_lease(
@@ -491,8 +504,41 @@ def lease_depth() -> int:
     return int(text) if text.isdigit() else 1
 
 
+def outer_leases() -> dict[str, str]:
+    """Return the lease ids of the deploys this process runs under, by lock.
+
+    The innermost lease comes from DEPLOYD_LOCK and DEPLOYD_LEASE_ID, the ones
+    around it from DEPLOYD_OUTER_LEASES (``lock=lease_id`` entries separated
+    by spaces), so ``run api -- run web -- run api`` joins the outermost lease.
+    """
+    leases: dict[str, str] = {}
+    for entry in os.environ.get("DEPLOYD_OUTER_LEASES", "").split():
+        lock, separator, lease_id = entry.partition("=")
+        if separator and lock and lease_id:
+            leases[lock] = lease_id
+    inner_lock = os.environ.get("DEPLOYD_LOCK")
+    inner_lease_id = os.environ.get("DEPLOYD_LEASE_ID")
+    if inner_lock and inner_lease_id:
+        leases[inner_lock] = inner_lease_id
+    return leases
+
+
+def outer_leases_around(lock: str) -> str:
+    """Return DEPLOYD_OUTER_LEASES for a command that runs under a lease on ``lock``."""
+    leases = outer_leases()
+    leases.pop(lock, None)
+    return " ".join(f"{name}={lease_id}" for name, lease_id in leases.items())
+
+
+def joined_depth(lock: str) -> int:
+    """Return DEPLOYD_LEASE_DEPTH for a caller that joined the outer lease on ``lock``."""
+    if os.environ.get("DEPLOYD_LOCK") == lock:
+        return lease_depth() + 1
+    return 2
+
+
 def join_outer_lease(op: str, lock: str) -> dict[str, Any] | None:
-    """Join the lease of the deploy this process runs under, if it holds ``lock``.
+    """Join the lease of a deploy this process runs under, if one holds ``lock``.
 
     A deploy script's helpers often take the same lock again; queueing behind
     their own deploy would wait forever. Returns the joined lease, or None
@@ -500,8 +546,8 @@ def join_outer_lease(op: str, lock: str) -> dict[str, Any] | None:
     """
     from deployd_client.autostart import connect
 
-    outer = os.environ.get("DEPLOYD_LEASE_ID")
-    if not outer or os.environ.get("DEPLOYD_LOCK") != lock:
+    outer = outer_leases().get(lock)
+    if not outer:
         return None
     with connect() as connection:
         try:
@@ -512,6 +558,51 @@ def join_outer_lease(op: str, lock: str) -> dict[str, Any] | None:
             raise
     warn(f"joined the lease on {lock} of the deploy this runs under")
     return result
+
+
+def force_target(connection: Connection, lock: str) -> str | None:
+    """Return a description of the holder of ``lock`` for ``--force``, or None when it is free."""
+    from deployd_client.display import describe_holder
+
+    locks = connection.request("locks", timeout=RESPONSE_TIMEOUT)["locks"]
+    state = next((entry for entry in locks if entry["lock"] == lock), None)
+    if state is None or state.get("lease") is None:
+        return None
+    expired = "" if state.get("held") else " (its lease has expired)"
+    return describe_holder(state["lease"]) + expired
+
+
+def confirm_force(lock: str, holder: str, yes: bool) -> bool:
+    """Prompt for confirmation to take ``lock`` from ``holder``; return False if declined.
+
+    With ``yes`` there is no prompt. Without a terminal, ``yes`` is required
+    and UsageError is raised.
+    """
+    if yes:
+        return True
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        raise UsageError(
+            f"{lock} is held by {holder}; not on a terminal, so add --yes "
+            "to take it away without confirmation"
+        )
+    sys.stderr.write(f"{lock} is held by {holder}.\nTake it away? [y/N] ")
+    sys.stderr.flush()
+    answer = sys.stdin.readline().strip().lower()
+    return answer in ("y", "yes")
+
+
+def confirm_forced_lease(args: Arguments) -> bool:
+    """Confirm ``run/acquire --force`` when the lock has a holder; return False if declined."""
+    if not args.force:
+        return True
+    from deployd_client.autostart import connect
+
+    with connect() as connection:
+        holder = force_target(connection, args.lock)
+    if holder is None or confirm_force(args.lock, holder, args.yes):
+        return True
+    warn("not forced")
+    return False
 
 
 def warn_if_unlocked(result: dict[str, Any]) -> None:
@@ -538,6 +629,7 @@ def _print_lease(result: dict[str, Any], output_format: str, depth: int) -> None
         print(f"export DEPLOYD_FENCING_TOKEN={int(result['token'])}")
         # Greater than 1 for a joined lease: its release is left to the deploy that took it.
         print(f"export DEPLOYD_LEASE_DEPTH={depth}")
+        print(f"export DEPLOYD_OUTER_LEASES={shlex.quote(outer_leases_around(result['lock']))}")
     else:
         print(
             f"acquired {result['lock']}: lease {result['lease_id']}, "
@@ -616,7 +708,6 @@ def _status(args: Arguments) -> int:
 
 def _force_unlock(args: Arguments) -> int:
     from deployd_client.autostart import connect
-    from deployd_client.display import describe_holder
 
     problem = lock_name_problem(args.lock)
     if problem:
@@ -624,26 +715,13 @@ def _force_unlock(args: Arguments) -> int:
     if not args.reason:
         raise UsageError("force-unlock needs --reason TEXT saying why you take the lock away")
     with connect() as connection:
-        locks = connection.request("locks", timeout=RESPONSE_TIMEOUT)["locks"]
-        state = next((entry for entry in locks if entry["lock"] == args.lock), None)
-        lease = state["lease"] if state else None
-        if lease is None:
+        holder = force_target(connection, args.lock)
+        if holder is None:
             warn(f"{args.lock} is not held; nothing to force")
             return exitcodes.OK
-        expired = " (its lease has expired)" if not state or not state.get("held") else ""
-        holder = describe_holder(lease) + expired
-        if not args.yes:
-            if not (sys.stdin.isatty() and sys.stderr.isatty()):
-                raise UsageError(
-                    f"{args.lock} is held by {holder}; not on a terminal, so add --yes "
-                    "to take it away without confirmation"
-                )
-            sys.stderr.write(f"{args.lock} is held by {holder}.\nTake it away? [y/N] ")
-            sys.stderr.flush()
-            answer = sys.stdin.readline().strip().lower()
-            if answer not in ("y", "yes"):
-                warn("not forced")
-                return exitcodes.BUSY
+        if not confirm_force(args.lock, holder, args.yes):
+            warn("not forced")
+            return exitcodes.BUSY
         result = connection.request(
             "force_unlock", timeout=RESPONSE_TIMEOUT, lock=args.lock, reason=args.reason
         )

@@ -25,9 +25,11 @@ import time
 from deployd_client import exitcodes
 from deployd_client.autostart import connect
 from deployd_client.cli import (
+    confirm_forced_lease,
     join_outer_lease,
-    lease_depth,
+    joined_depth,
     lease_fields,
+    outer_leases_around,
     warn,
     warn_if_unlocked,
 )
@@ -80,11 +82,42 @@ def run(args: Arguments, command: list[str]) -> int:
         from deployd_client.options import UsageError
 
         raise UsageError(f"--grace must not be negative, got {args.grace:g}s")
+    problem = command_problem(command[0])
+    if problem is not None:
+        # Checked before the lock is taken, so a typo neither blocks the team
+        # nor leaves a failed deploy in history.
+        exit_code, message = problem
+        warn(message)
+        return exit_code
     signals = _SignalPipe()
     try:
         return _Run(args, command, signals.read_fd).main()
     finally:
         signals.close()
+
+
+def command_problem(name: str) -> tuple[int, str] | None:
+    """Return the shell's exit code and a message when ``name`` cannot be run, else None.
+
+    Looks ``name`` up on PATH as posix_spawnp will: 127 when it is not found,
+    126 when it is found but is a directory or not executable.
+    """
+    if "/" in name:
+        candidates = [name]
+    else:
+        path = os.environ.get("PATH", os.defpath)
+        candidates = [os.path.join(entry or ".", name) for entry in path.split(":")]
+    found = None
+    for candidate in candidates:
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return None
+        if found is None and os.path.exists(candidate):
+            found = candidate
+    if found is None:
+        return 127, f"command not found: {name}; the lock was not taken"
+    if os.path.isdir(found):
+        return 126, f"cannot run {found}: it is a directory; the lock was not taken"
+    return 126, f"cannot run {found}: permission denied (not executable); the lock was not taken"
 
 
 class _SignalPipe:
@@ -220,6 +253,8 @@ class _Run:
             self.lease = joined
             self.joined = True
             return None
+        if not confirm_forced_lease(self.args):
+            return exitcodes.BUSY
         display = WaitDisplay(self.lock, quiet=self.args.quiet)
         try:
             self.connection, self.lease = wait_for_lease(
@@ -262,7 +297,8 @@ class _Run:
         env["DEPLOYD_LEASE_ID"] = self.lease["lease_id"]
         env["DEPLOYD_LOCK"] = self.lease["lock"]
         env["DEPLOYD_FENCING_TOKEN"] = str(self.lease["token"])
-        env["DEPLOYD_LEASE_DEPTH"] = str(lease_depth() + 1 if self.joined else 1)
+        env["DEPLOYD_LEASE_DEPTH"] = str(joined_depth(self.lock) if self.joined else 1)
+        env["DEPLOYD_OUTER_LEASES"] = outer_leases_around(self.lock)
         try:
             self.child_pid = os.posix_spawnp(
                 self.command[0],
