@@ -492,11 +492,19 @@ class Daemon:
                 binding.processes = {identity.pid: identity for identity in alive}
                 service.adopt(held, binding)
                 continue
-            why = "its holder exited" if not alive else "it expired while no daemon renewed it"
+            if valid:
+                why = "its holder exited"
+                outcome = Outcome(OutcomeStatus.ABANDONED, detail=f"holder gone: {why}")
+            else:
+                why = "it expired while no daemon renewed it"
+                if not alive:
+                    why += ", and its holder exited"
+                outcome = Outcome(OutcomeStatus.LOST, detail=why)
             logger.info(
                 "not resuming kept lease: lock=%s session=%s: %s", lease.lock, lease.holder, why
             )
-            outcome = Outcome(OutcomeStatus.ABANDONED, detail=f"holder gone: {why}")
+            # An expired lease is released as well, so its record does not show
+            # "running" until the next grant of the lock.
             if kept.unlocked_since is not None:
                 held = HeldLease(
                     lease=lease,
@@ -510,7 +518,7 @@ class Daemon:
                     unlocked_reason=kept.unlocked_reason,
                 )
                 service.unlocked.record(held, outcome)
-            elif valid:
+            else:
                 try:
                     with anyio.fail_after(self.config.store.timeout):
                         await service.store.release(lease, outcome)

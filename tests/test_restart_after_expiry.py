@@ -1,0 +1,42 @@
+"""A daemon that comes back after a kept lease expired ends that lease and completes its record.
+
+While no daemon ran, nothing renewed the lease, so its deploy was told it
+lost the lock (``deployd run`` exits 76). The restarted daemon releases the
+expired lease at once and records the deploy as ``lost``, instead of leaving
+a ``running`` record until the next grant of the lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from harness import DaemonProcess, ShellHolder, Workstation, wait_until
+from test_daemon_restart import deployments, kept_lease_ids, lock_row, machine_clock
+
+
+def test_restart_after_expiry_records_lost(
+    make_workstation: Callable[..., Workstation],
+    start: Callable[..., DaemonProcess],
+    tmp_path: Path,
+) -> None:
+    workstation = make_workstation(lease={"ttl": "2s"})
+    first = start(workstation)
+    holder = ShellHolder(workstation, tmp_path / "holder", "api")
+    try:
+        lease = holder.lease()
+        assert first.stop() == 0
+        assert kept_lease_ids(workstation) == [lease["session_id"]]
+        expires_at = lock_row(workstation.store_file, "api")["expires_at"]
+        wait_until(lambda: machine_clock() > expires_at + 0.5, timeout=30)
+
+        start(workstation)
+
+        row = lock_row(workstation.store_file, "api")
+        records = deployments(workstation.store_file, lease["session_id"])
+        assert row["holder"] is None
+        assert [record["outcome"] for record in records] == ["lost"]
+        assert "expired while no daemon renewed it" in records[0]["detail"]
+        assert kept_lease_ids(workstation) == []
+    finally:
+        holder.kill()
