@@ -8,7 +8,11 @@
 # in line and sees who is ahead. The lock is released in the EXIT trap with
 # the script's exit code and the deployed revision, however the script ends.
 # If the script is killed outright (SIGKILL), deployd sees this shell exit
-# and frees the lock at once.
+# and frees the lock at once. A step that was running then (docker build,
+# gcloud run deploy) is not stopped with it; to stop the whole process group
+# as well, run the script under the lock instead:
+#   deployd run SERVICE -- examples/deploy-service.sh SERVICE
+# (its own acquire then joins that lease).
 #
 # Settings (environment):
 #   GOOGLE_CLOUD_PROJECT   project to deploy to (default: gcloud's configured project)

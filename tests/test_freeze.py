@@ -9,8 +9,9 @@ the deploy's record notes it. Leases held when the freeze starts go on.
 from __future__ import annotations
 
 import json
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ from report_rigs import (
     run_deploy,
     shared_store,  # noqa: F401 - a fixture
 )
+
+from deployd_client.display import clock_time
+from deployd_client.report_commands import parse_until
 
 BY = f"{USER}@{HOST}"
 
@@ -110,7 +114,7 @@ def test_freeze_all_until_blocks_every_lock(
     assert refused.returncode == 75, refused.stderr
     line = one_line(refused.stderr)
     assert line.startswith(f"deployd: all locks are frozen by {BY} since "), line
-    assert " UTC until " in line
+    assert re.search(r" since \d\d:\d\d:\d\d [A-Z]\S* until ", line), line
     assert ": 'incident 42'; wait for the freeze to end" in line
     [freeze] = status["freezes"]
     assert freeze["scope"] == "*"
@@ -275,6 +279,11 @@ FREEZE_USAGE_ERRORS = [
         ["freeze", "api", "--reason", ""], "freeze needs --reason TEXT", id="empty-reason"
     ),
     pytest.param(
+        ["freeze", "api", "--reason", " \t "],
+        "freeze needs --reason TEXT (not blank)",
+        id="blank-reason",
+    ),
+    pytest.param(
         ["freeze", "api", "--all", "--reason", "r"],
         "freeze takes either LOCK or --all, not both",
         id="lock-and-all",
@@ -337,6 +346,7 @@ def test_freeze_usage_error_exits_64(
     ("fields", "message"),
     [
         ({"lock": "api"}, "freeze needs a reason"),
+        ({"lock": "api", "reason": "   "}, "freeze needs a reason that is not blank"),
         ({"lock": "api", "reason": "r", "until": 1_000_000.0}, "is in the past"),
         ({"lock": "api", "all": True, "reason": "r"}, "give either lock or all, not both"),
         ({"reason": "r"}, "name the lock to freeze"),
@@ -357,3 +367,173 @@ def test_freeze_request_rejects_bad_fields(
     assert response["ok"] is False, json.dumps(response)
     assert response["error"]["code"] == "invalid_argument"
     assert message in response["error"]["message"]
+
+
+# --- replacing, lifting an ended freeze, times ---
+
+
+def test_freeze_again_names_replaced_freeze(
+    workstation: Workstation, start: Callable[..., DaemonProcess]
+) -> None:
+    start(workstation)
+    first = workstation.deployd("freeze", "api", "--reason", "release train")
+    [old] = freezes(workstation)
+
+    second = workstation.deployd("freeze", "api", "--reason", "incident 7")
+    response = workstation.request("freeze", lock="api", reason="incident 8")
+
+    assert first.returncode == 0, first.stderr
+    assert "replaces" not in first.stderr
+    assert second.returncode == 0, second.stderr
+    line = one_line(second.stderr)
+    assert line.startswith(f"deployd: froze api by {BY} since "), line
+    assert line.endswith(
+        f": 'incident 7'; this replaces the freeze by {BY} since {clock_time(old['at'])}: "
+        "'release train'"
+    ), line
+    assert response["ok"], response
+    assert response["result"]["replaced"]["reason"] == "incident 7"
+    assert response["result"]["frozen"]["reason"] == "incident 8"
+    assert [freeze["reason"] for freeze in freezes(workstation)] == ["incident 8"]
+
+
+def test_freeze_after_ended_one_replaces_nothing(
+    workstation: Workstation, start: Callable[..., DaemonProcess]
+) -> None:
+    start(workstation)
+    assert (
+        workstation.deployd("freeze", "api", "--reason", "brief", "--until", "1s").returncode == 0
+    )
+    wait_until(lambda: freezes(workstation) == [])
+
+    again = workstation.deployd("freeze", "api", "--reason", "next")
+
+    assert again.returncode == 0, again.stderr
+    assert "replaces" not in one_line(again.stderr)
+
+
+def test_unfreeze_after_end_says_it_ended(
+    workstation: Workstation, start: Callable[..., DaemonProcess]
+) -> None:
+    start(workstation)
+    assert (
+        workstation.deployd("freeze", "--all", "--reason", "brief", "--until", "1s").returncode == 0
+    )
+    assert workstation.request("freeze", lock="web", reason="short", until=time.time() + 1)["ok"]
+    [everything, web] = freezes(workstation)
+    wait_until(lambda: freezes(workstation) == [])
+
+    lifted = workstation.deployd("unfreeze", "--all")
+    response = workstation.request("unfreeze", lock="web")
+
+    assert lifted.returncode == 0, lifted.stderr
+    assert one_line(lifted.stderr) == (
+        f"deployd: the freeze of all locks by {BY} ('brief') had already ended at "
+        f"{clock_time(everything['until'])}; removed it"
+    )
+    assert response["ok"], response
+    assert response["result"]["unfrozen"] == web
+    assert response["result"]["was_in_force"] is False
+
+
+def test_unfreeze_in_force_reports_it(
+    workstation: Workstation, start: Callable[..., DaemonProcess]
+) -> None:
+    start(workstation)
+    assert workstation.deployd("freeze", "api", "--reason", "hold", "--until", "1h").returncode == 0
+
+    response = workstation.request("unfreeze", lock="api")
+
+    assert response["ok"], response
+    assert response["result"]["unfrozen"]["reason"] == "hold"
+    assert response["result"]["was_in_force"] is True
+
+
+def test_unfreeze_help_names_what_all_lifts(workstation: Workstation) -> None:
+    unfreeze = workstation.deployd("unfreeze", "--help")
+    freeze = workstation.deployd("freeze", "--help")
+
+    assert unfreeze.returncode == 0, unfreeze.stderr
+    text = " ".join(unfreeze.stdout.split())
+    assert "--all lift the freeze of all locks that 'freeze --all' set" in text
+    assert "freezes of single locks stay until 'unfreeze LOCK'" in text
+    assert "tomorrow" in " ".join(freeze.stdout.split())
+
+
+def local_epoch(day: time.struct_time, hour: int, minute: int, days_ahead: int = 0) -> float:
+    """Return the epoch seconds of ``hour:minute`` local time, ``days_ahead`` after ``day``."""
+    fields = (day.tm_year, day.tm_mon, day.tm_mday + days_ahead, hour, minute, 0, 0, 0, -1)
+    return time.mktime(fields)
+
+
+@pytest.mark.parametrize(
+    ("now_clock", "until", "expected"),
+    [
+        pytest.param((23, 20), "00:00", (0, 0, 1), id="midnight-tomorrow"),
+        pytest.param((19, 5), "18:00", (18, 0, 1), id="passed-today"),
+        pytest.param((17, 59), "18:00", (18, 0, 0), id="later-today"),
+        pytest.param((18, 0), "18:00", (18, 0, 1), id="this-minute"),
+    ],
+)
+def test_until_clock_time_is_next_one(
+    now_clock: tuple[int, int], until: str, expected: tuple[int, int, int]
+) -> None:
+    today = time.localtime()
+    now = local_epoch(today, *now_clock) + 29  # 29 seconds into the minute
+
+    assert parse_until(until, now) == local_epoch(today, *expected)
+
+
+def test_freeze_until_passed_clock_time_ends_tomorrow(
+    workstation: Workstation, start: Callable[..., DaemonProcess]
+) -> None:
+    start(workstation)
+    now = time.localtime()
+    this_minute = f"{now.tm_hour:02d}:{now.tm_min:02d}"
+
+    frozen = workstation.deployd("freeze", "api", "--reason", "night", "--until", this_minute)
+
+    assert frozen.returncode == 0, frozen.stderr
+    [freeze] = freezes(workstation)
+    assert freeze["until"] == local_epoch(now, now.tm_hour, now.tm_min, days_ahead=1)
+    assert f" until {clock_time(freeze['until'])}: 'night'" in one_line(frozen.stderr)
+
+
+@pytest.fixture
+def india_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Set a zone 5h30 east of UTC, named IST, for this process; return the TZ value."""
+    zone = "IST-05:30"
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    yield zone
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_freeze_times_share_one_form(
+    workstation: Workstation,
+    start: Callable[..., DaemonProcess],
+    india_time: str,
+) -> None:
+    """The freeze output, refusal, status and waiting line show one time form, with its zone."""
+    workstation.environment["TZ"] = india_time
+    start(workstation)
+
+    frozen = workstation.deployd("freeze", "api", "--reason", "audit", "--until", "2h")
+    refused = workstation.deployd("run", "api", "--", "true")
+    status = workstation.deployd("status")
+    waited = workstation.deployd("run", "api", "--wait", "1s", "--", "true")
+    [freeze] = freezes(workstation)
+
+    expected = f"since {clock_time(freeze['at'])} until {clock_time(freeze['until'])}: 'audit'"
+    assert " IST" in expected
+    assert frozen.returncode == 0, frozen.stderr
+    assert expected in one_line(frozen.stderr)
+    assert refused.returncode == 75, refused.stderr
+    assert expected in one_line(refused.stderr)
+    assert expected in status.stdout
+    assert waited.returncode == 75, waited.stderr
+    start_line, error_line = waited.stderr.splitlines()
+    assert start_line.startswith("deployd: waiting for api: frozen api by "), start_line
+    assert expected in start_line
+    assert expected in error_line

@@ -236,6 +236,7 @@ def test_history_and_stats_of_every_outcome(
             tmp_path / "forcing",
             "api",
             "--force",
+            "--yes",
             "--reason",
             "hotfix now",
             "--commit",
@@ -482,14 +483,24 @@ def check_stats(
     assert 0 < latency["p50"] <= latency["p95"]
 
     delivery = stats["notifications"]
-    assert set(delivery) == {"sent", "failed", "queued", "parked", "delivery_rate"}
+    assert set(delivery) == {
+        "sent",
+        "failed",
+        "skipped",
+        "queued",
+        "parked",
+        "delivery_rate",
+        "problem",
+    }
     assert delivery["sent"] == notifications["sent"]
     assert delivery["failed"] == notifications["failed"]
+    assert delivery["skipped"] == notifications["skipped"]
     assert delivery["failed"] >= 1
     assert delivery["queued"] == 0
     assert delivery["parked"] == 0
+    assert delivery["problem"] is None
     assert delivery["delivery_rate"] == round(
-        delivery["sent"] / (delivery["sent"] + delivery["failed"]), 4
+        delivery["sent"] / (delivery["sent"] + delivery["failed"] + delivery["skipped"]), 4
     )
 
     assert set(stats["locks"]) == {"api", "web", "db"}

@@ -119,6 +119,7 @@ def test_event_shapes(workstation: Workstation, start: Callable[..., DaemonProce
         "holder",
         "waiting_for",
         "eta",
+        "typical_duration",
         "frozen",
     }
     assert position["schema"] == 1

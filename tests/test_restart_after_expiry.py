@@ -40,3 +40,40 @@ def test_restart_after_expiry_records_lost(
         assert kept_lease_ids(workstation) == []
     finally:
         holder.kill()
+
+
+def test_restart_after_run_gave_up_records_lost(
+    make_workstation: Callable[..., Workstation],
+    start: Callable[..., DaemonProcess],
+) -> None:
+    """A run client that gave its lease up at the renew deadline is recorded as lost, not abandoned.
+
+    With a 9 s TTL the renew deadline is 6 s: the client exits 76 at most
+    6 s after the daemon stopped, and the lease stays valid until 9 s.
+    """
+    workstation = make_workstation(lease={"ttl": "9s"})
+    first = start(workstation)
+    client = workstation.spawn("run", "api", "--", "sleep", "60")
+    try:
+        wait_until(lambda: workstation.local_queue("api") == [] and held_session(workstation))
+        session_id = held_session(workstation)
+        assert first.stop() == 0
+        assert client.wait(timeout=30) == 76
+        start(workstation)
+
+        records = deployments(workstation.store_file, session_id)
+        assert [record["outcome"] for record in records] == ["lost"]
+        assert lock_row(workstation.store_file, "api")["holder"] is None
+    finally:
+        if client.poll() is None:
+            client.kill()
+        client.communicate(timeout=30)
+
+
+def held_session(workstation: Workstation) -> str:
+    """Return the session id that holds ``api``, or an empty string when it is free."""
+    for entry in workstation.status()["locks"]:
+        if entry["lock"] == "api" and entry.get("lease"):
+            session_id: str = entry["lease"]["session_id"]
+            return session_id
+    return ""

@@ -203,6 +203,36 @@ def test_people_text_is_escaped() -> None:
     assert "&lt;@U123&gt; &amp; co" in rendered
 
 
+@pytest.mark.parametrize("threaded", [True, False])
+def test_fallback_text_is_escaped(threaded: bool) -> None:
+    deploy = DeployEvent(
+        kind=EventKind.FAILED,
+        lock="api",
+        session_id=SESSION,
+        owner=OWNER,
+        purpose=Purpose(commit="<!channel>", reason="<https://evil|click> @here"),
+        token=1,
+        details={"exit_code": 1, "duration": 2.0, "output_tail": ["<!here> & done"]},
+    )
+    drafts = plan_messages(deploy, threaded=threaded, links=Links())
+    assert drafts
+    for draft in drafts:
+        assert "<!" not in draft.text
+        assert "<https" not in draft.text
+        assert "api (&lt;!channel&gt;)" in draft.text
+    assert "&lt;!here&gt; &amp; done" in drafts[-1].text
+    if not threaded:
+        assert "reason: &lt;https://evil|click&gt; @here" in drafts[-1].text
+
+
+def test_fallback_text_clip_keeps_entities_whole() -> None:
+    lines = ["&" * 300] * 20
+    drafts = plan(EventKind.FAILED, exit_code=1, duration=1.0, output_tail=lines)
+    text = drafts[-1].text
+    assert len(text) <= 4000
+    assert text.endswith("&amp;…")
+
+
 @pytest.mark.parametrize("kind", list(EventKind))
 @pytest.mark.parametrize("threaded", [True, False])
 def test_every_kind_has_a_message(kind: EventKind, threaded: bool) -> None:

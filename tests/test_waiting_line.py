@@ -16,9 +16,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 from harness import DEPLOYD, DaemonProcess, ShellHolder, Workstation, wait_until
 from report_rigs import HOST, USER, seed_deploys, terminal_command
+
+from deployd_client.display import describe_eta
 
 # Redraws start with a carriage return and "erase to the end of the line".
 REDRAW = "\r\x1b[K"
@@ -26,7 +30,7 @@ REDRAW = "\r\x1b[K"
 MEDIAN_DEPLOY = 300.0
 # One drawing of the waiting line; the ETA is missing until the daemon has read the durations.
 LINE = re.compile(
-    rf"deployd: waiting for api: held by {USER} on {HOST}, since \d\d:\d\d:\d\d "
+    rf"deployd: waiting for api: held by {USER} on {HOST}, since \d\d:\d\d:\d\d [A-Z]\S* "
     r"\((?P<held>\S+) ago\), reason 'schema change'; you are 1st in line"
     r"(?:; ETA ~(?P<eta>\S+))? \(waiting (?P<waited>\S+)\)"
 )
@@ -173,6 +177,176 @@ def test_waiting_lines_on_pipes(
     assert len(lines) == 2, stderr
     assert lines[0].startswith(f"deployd: waiting for api: held by {USER} on {HOST}, since ")
     assert "you are 1st in line" in lines[0]
+    # The start line waits for the ETA, which the daemon sends once it has read recent deploys.
+    assert re.search(r"; ETA ~\S+$", lines[0]), lines[0]
     assert "\x1b" not in stderr
     assert "\r" not in stderr
     assert lines[1].startswith("deployd: api: got the lock after waiting ")
+
+
+# --- the estimate ---
+
+NOW = 1_770_000_000.0
+
+
+def queue_event(
+    held_for: float | None,
+    typical: float | None,
+    position: int = 1,
+    frozen: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Return a queue_position event whose holder has held the lock ``held_for`` seconds at NOW."""
+    holder = None if held_for is None else {"owner": {"user": "bob"}, "acquired_at": NOW - held_for}
+    return {
+        "event": "queue_position",
+        "position": position,
+        "holder": holder,
+        "typical_duration": typical,
+        "frozen": frozen,
+    }
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        pytest.param(queue_event(8.0, 30.0), "ETA ~22s", id="holder-halfway"),
+        pytest.param(queue_event(8.0, 30.0, position=3), "ETA ~1m22s", id="two-ahead"),
+        pytest.param(
+            queue_event(45.0, 30.0),
+            "the holder is taking longer than usual (45s so far, usually 30s)",
+            id="holder-past-usual",
+        ),
+        pytest.param(
+            queue_event(45.0, 30.0, position=2),
+            "the holder is taking longer than usual (45s so far, usually 30s); "
+            "ETA ~30s after it ends",
+            id="past-usual-one-ahead",
+        ),
+        pytest.param(queue_event(0.1, 0.4), "ETA <1s", id="sub-second-fresh"),
+        pytest.param(
+            queue_event(2.0, 0.4),
+            "the holder is taking longer than usual (2s so far, usually 400ms)",
+            id="sub-second-past-usual",
+        ),
+        pytest.param(queue_event(None, 30.0, position=2), "ETA ~30s", id="no-holder-one-ahead"),
+        pytest.param(queue_event(None, 30.0), None, id="no-holder-next"),
+        pytest.param(queue_event(8.0, None), None, id="no-recent-deploys"),
+        pytest.param(
+            queue_event(8.0, 30.0, frozen={"scope": "*", "reason": "x"}), None, id="frozen"
+        ),
+    ],
+)
+def test_eta_text(event: dict[str, Any], expected: str | None) -> None:
+    assert describe_eta(event, NOW) == expected
+
+
+def test_eta_moves_with_holder_age() -> None:
+    event = queue_event(8.0, 30.0)
+
+    later = [describe_eta(event, NOW + seconds) for seconds in (0.0, 10.0, 21.5, 22.5)]
+
+    assert later == [
+        "ETA ~22s",
+        "ETA ~12s",
+        "ETA <1s",
+        "the holder is taking longer than usual (30s so far, usually 30s)",
+    ]
+
+
+def test_short_deploys_never_show_overdue(
+    workstation: Workstation, start: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    """Behind a holder that takes longer than the lock's sub-second deploys, the line shows that."""
+    hour_ago = time.time() - 3600
+    seed_deploys(workstation.store_file, "api", [(hour_ago + index, 0.3) for index in range(3)])
+    start(workstation)
+    holder = ShellHolder(workstation, tmp_path / "holder", "api")
+    process = None
+    reader = None
+    try:
+        holder.lease()
+        process, controller = terminal_command(
+            [*DEPLOYD, "run", "api", "--wait", "30s", "--", "true"], workstation.env()
+        )
+        reader = TerminalOutput(controller)
+        reader.start()
+        wait_until(lambda: "longer than usual" in reader.text(), timeout=20)
+        # Two redraws later, the line still shows it and the time so far has moved.
+        shown = reader.text().count(REDRAW)
+        wait_until(lambda: reader.text().count(REDRAW) >= shown + 2, timeout=20)
+        during = reader.text()
+        holder.kill()
+        assert process.wait(30) == 0, reader.text()
+        reader.join(10)
+        output = reader.text()
+    finally:
+        holder.kill()
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(10)
+        if reader is not None:
+            os.close(reader.controller)
+
+    assert "overdue" not in output
+    frames = [frame for frame in during.split(REDRAW) if frame][:-1]
+    past = [frame for frame in frames if "longer than usual" in frame]
+    assert len(past) >= 2, frames
+    assert all("usually 300ms)" in frame for frame in past), frames
+    matches = [re.search(r"\((\S+) so far", frame) for frame in past]
+    so_far = [seconds(match.group(1)) for match in matches if match]
+    assert len(so_far) == len(past), frames
+    assert so_far == sorted(so_far), frames
+    assert so_far[-1] > so_far[0], frames
+
+
+# --- a wait that runs out ---
+
+
+def test_wait_timeout_prints_one_line_on_terminal(
+    workstation: Workstation, start: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    start(workstation)
+    holder = ShellHolder(workstation, tmp_path / "holder", "api")
+    process = None
+    reader = None
+    try:
+        holder.lease()
+        process, controller = terminal_command(
+            [*DEPLOYD, "run", "api", "--wait", "2s", "--", "true"], workstation.env()
+        )
+        reader = TerminalOutput(controller)
+        reader.start()
+        assert process.wait(30) == 75, reader.text()
+        reader.join(10)
+        output = reader.text()
+    finally:
+        holder.kill()
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(10)
+        if reader is not None:
+            os.close(reader.controller)
+
+    # The waiting line is erased, and the error is the one line left on the screen.
+    shown = output.split(REDRAW)[-1]
+    assert shown.startswith("deployd: gave up waiting for api after 2s (held by "), output
+    assert shown.endswith("\r\n"), output
+    assert shown.count("\n") == 1, output
+    assert "gave up after waiting" not in output
+
+
+def test_wait_timeout_prints_one_line_on_pipes(
+    workstation: Workstation, start: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    start(workstation)
+    holder = ShellHolder(workstation, tmp_path / "holder", "api")
+    try:
+        holder.lease()
+        result = workstation.deployd("run", "api", "--wait", "1s", "--", "true")
+    finally:
+        holder.kill()
+
+    assert result.returncode == 75, result.stderr
+    start_line, error_line = result.stderr.splitlines()
+    assert start_line.startswith("deployd: waiting for api: held by "), result.stderr
+    assert error_line.startswith("deployd: gave up waiting for api after 1s (held by ")

@@ -11,10 +11,16 @@ from __future__ import annotations
 import os
 import sys
 
-from deployd_client import __version__, exitcodes
+from deployd_client import __version__, exitcodes, paths
 from deployd_client.autostart import DaemonStartFailed
-from deployd_client.durations import parse_duration
-from deployd_client.names import lock_name_problem
+from deployd_client.durations import format_duration, parse_duration
+from deployd_client.names import (
+    MAX_TEXT_LENGTHS,
+    MAX_TTL,
+    MAX_WAIT,
+    MIN_TTL,
+    lock_name_problem,
+)
 from deployd_client.options import (
     Arguments,
     Command,
@@ -220,7 +226,7 @@ COMMANDS = (
         options=[
             Option(
                 ["--limit"],
-                "how many deploys to show (default 20)",
+                "how many deploys to show, 1 to 1000 (default 20)",
                 metavar="N",
                 convert=_whole_number,
                 default=20,
@@ -229,7 +235,7 @@ COMMANDS = (
                 ["--since"],
                 "only deploys started within DURATION (such as 1d or 2h)",
                 metavar="DURATION",
-                convert=parse_duration,
+                convert=str,  # checked by report_commands.since_epoch, which quotes it
             ),
             Option(["--json"], "print the history as JSON"),
         ],
@@ -242,8 +248,8 @@ COMMANDS = (
                 ["--since"],
                 "the period: deploys started within DURATION (default 7d)",
                 metavar="DURATION",
-                convert=parse_duration,
-                default=7 * 86400.0,
+                convert=str,  # checked by report_commands.since_epoch, which quotes it
+                default="7d",
             ),
             Option(["--json"], "print the stats as JSON"),
         ],
@@ -262,8 +268,8 @@ COMMANDS = (
             ),
             Option(
                 ["--until"],
-                "end the freeze at TIME: a duration from now (2h), HH:MM today, or "
-                "YYYY-MM-DD[THH:MM] (local time)",
+                "end the freeze at TIME: a duration from now (2h); HH:MM, local time, today "
+                "or, if that time has passed, tomorrow; or YYYY-MM-DD[THH:MM], local time",
                 metavar="TIME",
                 convert=str,
             ),
@@ -271,9 +277,15 @@ COMMANDS = (
     ),
     Command(
         "unfreeze",
-        "lift the freeze of LOCK, or of every lock with --all",
+        "lift the freeze of LOCK, or with --all the freeze of all locks",
         positionals=[Positional("lock", "LOCK", "the lock to unfreeze", required=False)],
-        options=[Option(["--all"], "lift the freeze of every lock")],
+        options=[
+            Option(
+                ["--all"],
+                "lift the freeze of all locks that 'freeze --all' set; freezes of single "
+                "locks stay until 'unfreeze LOCK'",
+            )
+        ],
     ),
     Command(
         "status",
@@ -384,6 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(exc), exitcodes.USAGE)
     except SocketPermissionDenied as exc:
         return fail(str(exc), exitcodes.NO_PERMISSION)
+    except paths.PathError as exc:
+        return fail(str(exc), exitcodes.CONFIG)
     except DaemonStartFailed as exc:
         # The daemon's own exit code says why (78 configuration, 77 permissions, ...).
         code = exc.exit_code if exc.exit_code in exitcodes.DAEMON_START_CODES else None
@@ -401,6 +415,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader of stdout went away (deployd status --json | head): say nothing more.
         sys.stdout = None
         return 141
+    except Exception as exc:
+        # The daemon logs its own errors with their tracebacks.
+        if os.environ.get("DEPLOYD_DEBUG") or arguments[:1] == ["serve"]:
+            raise
+        return fail(
+            f"internal error: {type(exc).__name__}: {exc}; run again with DEPLOYD_DEBUG=1 "
+            "for the traceback, and report it",
+            exitcodes.INTERNAL,
+        )
 
 
 def _dispatch(args: Arguments, command: list[str]) -> int:
@@ -449,10 +472,33 @@ def _check_lease_arguments(args: Arguments) -> None:
         raise UsageError(problem)
     if args.ttl is not None and args.ttl <= 0:
         raise UsageError(f"--ttl must be longer than 0s, got {args.ttl:g}s; the default is 30s")
+    if args.ttl is not None and not MIN_TTL <= args.ttl <= MAX_TTL:
+        raise UsageError(
+            f"--ttl must be between {format_duration(MIN_TTL)} and {format_duration(MAX_TTL)}, "
+            f"got {format_duration(args.ttl)}; the default is 30s"
+        )
     if args.wait is not None and args.wait < 0:
         raise UsageError(f"--wait must not be negative, got {args.wait:g}s")
-    if args.force and not args.reason:
-        raise UsageError("--force needs --reason TEXT saying why you take the lock from its holder")
+    if args.wait is not None and args.wait > MAX_WAIT:
+        raise UsageError(
+            f"--wait must be at most {format_duration(MAX_WAIT)}, got {format_duration(args.wait)}"
+        )
+    for name in ("reason", "commit"):
+        check_text_length(name, getattr(args, name))
+    if args.force and not (args.reason or "").strip():
+        raise UsageError(
+            "--force needs --reason TEXT (not blank) saying why you take the lock from its holder"
+        )
+
+
+def check_text_length(name: str, value: str | None) -> None:
+    """Raise UsageError when the ``--NAME`` text is longer than the daemon accepts."""
+    limit = MAX_TEXT_LENGTHS[name]
+    if value is not None and len(value) > limit:
+        raise UsageError(
+            f"--{name} is {len(value)} characters long; the maximum is {limit}. "
+            "Shorten it, and link to longer notes instead"
+        )
 
 
 def lease_fields(args: Arguments) -> dict[str, Any]:
@@ -489,7 +535,9 @@ def _acquire(args: Arguments) -> int:
             "acquire", {"pid": pid, **lease_fields(args)}, args.wait, display
         )
     except DaemonError as exc:
-        display.finish("gave up")
+        display.abandon()  # the error line that follows gives the reason
+        if args.format == "json":
+            _print_acquire_error(exc)
         raise exc from None
     connection.close()
     display.finish("got the lock")
@@ -616,6 +664,19 @@ def warn_if_unlocked(result: dict[str, Any]) -> None:
         )
 
 
+def _print_acquire_error(error: DaemonError) -> None:
+    """Print why ``acquire --format json`` failed as JSON, so scripts need not parse stderr."""
+    import json
+
+    failure = {
+        "code": error.code,
+        "message": str(error),
+        "exit_code": exitcodes.for_error_code(error.code),
+        "details": error.details,
+    }
+    print(json.dumps({"schema": 1, "error": failure}, indent=2, sort_keys=True))
+
+
 def _print_lease(result: dict[str, Any], output_format: str, depth: int) -> None:
     if output_format == "json":
         import json
@@ -630,6 +691,8 @@ def _print_lease(result: dict[str, Any], output_format: str, depth: int) -> None
         # Greater than 1 for a joined lease: its release is left to the deploy that took it.
         print(f"export DEPLOYD_LEASE_DEPTH={depth}")
         print(f"export DEPLOYD_OUTER_LEASES={shlex.quote(outer_leases_around(result['lock']))}")
+        # The shell took this lease, so its own 'deployd release' ends it.
+        print("export DEPLOYD_LEASE_OWNER=acquire")
     else:
         print(
             f"acquired {result['lock']}: lease {result['lease_id']}, "
@@ -650,6 +713,13 @@ def _release(args: Arguments) -> int:
     if lease_depth() > 1 and target in outer:
         warn(f"{outer[1]} was joined, not taken, here; the deploy that took it releases it")
         return exitcodes.OK
+    if os.environ.get("DEPLOYD_LEASE_OWNER") == "run" and target in outer:
+        warn(
+            f"the lease on {outer[1]} belongs to the 'deployd run' that this runs under; "
+            "it is released when that command exits, so nothing was released"
+        )
+        return exitcodes.OK
+    check_text_length("revision", args.revision)
     if "@" in target:
         fields["lease_id"] = target
         if target == os.environ.get("DEPLOYD_LEASE_ID") and os.environ.get("DEPLOYD_LOCK"):
@@ -682,6 +752,7 @@ def _event(args: Arguments) -> int:
         raise UsageError(f"unknown event {args.event!r}; the only event is 'deployed'")
     if not args.revision:
         raise UsageError("'deployed' needs --revision REV: the revision now serving traffic")
+    check_text_length("revision", args.revision)
     fields: dict[str, Any] = {"lock": args.lock, "event": args.event, "revision": args.revision}
     env_lease = os.environ.get("DEPLOYD_LEASE_ID")
     if env_lease and os.environ.get("DEPLOYD_LOCK") == args.lock:
@@ -712,8 +783,11 @@ def _force_unlock(args: Arguments) -> int:
     problem = lock_name_problem(args.lock)
     if problem:
         raise UsageError(problem)
-    if not args.reason:
-        raise UsageError("force-unlock needs --reason TEXT saying why you take the lock away")
+    if not (args.reason or "").strip():
+        raise UsageError(
+            "force-unlock needs --reason TEXT (not blank) saying why you take the lock away"
+        )
+    check_text_length("reason", args.reason)
     with connect() as connection:
         holder = force_target(connection, args.lock)
         if holder is None:

@@ -4,8 +4,9 @@
 would: the file (``--config``, ``DEPLOYD_CONFIG`` or the default path) and
 the ``DEPLOYD_*`` variables of this environment. They use the daemon's own
 config code, so, like ``serve``, they load the daemon package, which costs
-more start-up time than other commands. ``reload`` makes the running daemon
-read its config again.
+more start-up time than other commands. Both warn on stderr of variables
+that deployd ignores (``deployd.config.environment_warnings``). ``reload``
+makes the running daemon read its config again.
 
 Secrets never appear in the output: Slack credentials are shown by where
 they come from, with the value masked, and anything shaped like a Slack
@@ -46,7 +47,7 @@ def run(args: Arguments) -> int:
             )
         return _reload(args.json)
     try:
-        from deployd.config import load_config
+        from deployd.config import environment_warnings, load_config
         from deployd.errors import ConfigError
     except ImportError as exc:
         print(
@@ -55,11 +56,17 @@ def run(args: Arguments) -> int:
             file=sys.stderr,
         )
         return exitcodes.INTERNAL
+    # Variables that deployd ignores, such as a misspelt DEPLOYD_LEASE_TTL, leave
+    # the config valid, so they are warnings, printed whatever the outcome.
+    for warning in environment_warnings():
+        print(f"deployd: warning: {warning}", file=sys.stderr)
     try:
         config = load_config(args.config)
         credentials = _credentials(config)
     except ConfigError as exc:
-        print(f"deployd: {_masked(exc)}", file=sys.stderr)
+        # One line for each invalid key; ConfigError masks secrets in its message.
+        for problem in exc.problems:
+            print(f"deployd: {problem}", file=sys.stderr)
         return exitcodes.CONFIG
     if args.action == "check":
         return _check(config, args.config)
@@ -73,30 +80,25 @@ def _credentials(config: Config) -> SlackCredentials | None:
     return load_credentials(config.slack)
 
 
-def _masked(error: Exception) -> str:
-    from deployd.errors import ConfigError
-    from deployd.reload import masked_config_error
-
-    if isinstance(error, ConfigError):
-        return str(masked_config_error(error))
-    return str(error)
-
-
 def _check(config: Config, path: str | None) -> int:
     file_path = config.file or (os.path.abspath(path) if path else paths.config_path())
     from_file = sum(1 for source in config.sources.values() if source.startswith(file_path))
     from_env = sum(1 for source in config.sources.values() if source.startswith("DEPLOYD_"))
     if config.file:
         print(
-            f"{config.file} is valid: {from_file} keys set in the file, {from_env} by "
+            f"{config.file} is valid: {_keys(from_file)} set in the file, {from_env} by "
             "DEPLOYD_* variables, the rest default"
         )
     else:
         print(
-            f"no config file at {file_path}, so the defaults apply ({from_env} keys set by "
+            f"no config file at {file_path}, so the defaults apply ({_keys(from_env)} set by "
             "DEPLOYD_* variables); the configuration is valid"
         )
     return exitcodes.OK
+
+
+def _keys(count: int) -> str:
+    return f"{count} key" if count == 1 else f"{count} keys"
 
 
 # --- show ---
@@ -109,10 +111,11 @@ def effective_values(config: Config) -> list[tuple[str, Any, str]]:
     deadline from the TTL, the poll interval from the store kind) are shown
     as derived, with the rule in the source.
     """
+    from deployd.config import firestore_project
     from deployd.reload import value_of
 
     timings = config.lease.timings()
-    derived = {
+    derived: dict[str, tuple[Any, str]] = {
         "lease.renew_every": (timings.renew_every, "default: lease.ttl / 3"),
         "lease.renew_deadline": (
             timings.renew_deadline,
@@ -123,6 +126,9 @@ def effective_values(config: Config) -> list[tuple[str, Any, str]]:
             f"default for store.kind {config.store.kind}",
         ),
     }
+    project = firestore_project(config.store)
+    if config.store.kind == "firestore" and project is not None:
+        derived["store.project"] = (project[0], f"default: {project[1]}")
     rows = []
     for key in sorted(config.sources):
         value = value_of(config, key)
@@ -140,11 +146,13 @@ def socket_source() -> str:
     configured = os.environ.get("XDG_RUNTIME_DIR")
     if configured and os.path.isabs(configured):
         return "XDG_RUNTIME_DIR"
+    # A relative XDG_RUNTIME_DIR is ignored (paths.runtime_dir).
+    unset = "is relative, so ignored" if configured else "is unset"
     if sys.platform == "darwin":
-        return "the per-user temporary directory, as XDG_RUNTIME_DIR is unset"
+        return f"the per-user temporary directory, as XDG_RUNTIME_DIR {unset}"
     if paths.runtime_dir() == "/tmp":
-        return f"fallback to /tmp, as XDG_RUNTIME_DIR is unset and /run/user/{os.getuid()} missing"
-    return f"fallback to /run/user/{os.getuid()}, as XDG_RUNTIME_DIR is unset"
+        return f"fallback to /tmp, as XDG_RUNTIME_DIR {unset} and /run/user/{os.getuid()} missing"
+    return f"fallback to /run/user/{os.getuid()}, as XDG_RUNTIME_DIR {unset}"
 
 
 def _config_file_source(path: str | None) -> str:
@@ -159,7 +167,7 @@ def _show(
     config: Config, credentials: SlackCredentials | None, path: str | None, as_json: bool
 ) -> int:
     from deployd.config import env_name
-    from deployd.notifiers.credentials import redact
+    from deployd_client.redaction import mask_secrets
 
     file_path = config.file or (os.path.abspath(path) if path else paths.config_path())
     rows = effective_values(config)
@@ -182,7 +190,7 @@ def _show(
             "socket": {"path": paths.socket_path(), "source": socket_source()},
             "values": {
                 key: {
-                    "value": redact(value) if isinstance(value, str) else value,
+                    "value": mask_secrets(value, key) if isinstance(value, str) else value,
                     "source": source,
                     "env": env_name(*_split(key)),
                 }
@@ -217,11 +225,11 @@ def _split(key: str) -> tuple[str | None, str]:
 
 
 def _display(key: str, value: Any) -> str:
-    from deployd.notifiers.credentials import redact
     from deployd.reload import describe_value
+    from deployd_client.redaction import mask_secrets
 
     if isinstance(value, str):
-        return redact(value)
+        return mask_secrets(value, key)
     return describe_value(value, key)
 
 

@@ -18,12 +18,24 @@ def use_color(stream: TextIO) -> bool:
     return stream.isatty() and not os.environ.get("NO_COLOR")
 
 
+# The scope of a freeze of every lock.
+ALL_LOCKS = "*"
+
+
 def clock_time(epoch: float) -> str:
-    """Format a wall-clock time as local ``HH:MM:SS``, with the date if it is not today."""
+    """Format a wall-clock time as local ``HH:MM:SS`` and zone, with the date if it is not today.
+
+    Every time of day that the command and the daemon show people has this
+    form, such as ``23:20:29 CET`` or ``2026-02-05 00:00:00 CET``.
+    """
     local = time.localtime(epoch)
+    zone = time.strftime("%Z", local)
+    if not zone.isalpha():
+        # Some zones have no abbreviation and name themselves by their offset ("+03").
+        zone = "UTC" + time.strftime("%z", local)
     if time.strftime("%Y-%m-%d", local) == time.strftime("%Y-%m-%d"):
-        return time.strftime("%H:%M:%S", local)
-    return time.strftime("%Y-%m-%d %H:%M:%S", local)
+        return time.strftime("%H:%M:%S ", local) + zone
+    return time.strftime("%Y-%m-%d %H:%M:%S ", local) + zone
 
 
 def ago(epoch: float) -> str:
@@ -55,12 +67,54 @@ def ordinal(number: int) -> str:
     return f"{number}{suffix}"
 
 
+# How long a wait display without a terminal holds back its first line for an
+# ETA: the daemon sends one within moments once it has read the lock's recent
+# deploys, and a lock without such deploys never gets one.
+START_LINE_GRACE = 2.0
+
+
+def describe_eta(event: dict[str, Any], now: float) -> str | None:
+    """Describe when the caller may get the lock, from a queue_position event at ``now``.
+
+    ``now`` is wall-clock time, compared with the holder's ``acquired_at``,
+    so the estimate moves between events. Returns None when there is nothing
+    to estimate: no recent deploys, a freeze in the way, or the next grant due.
+    """
+    if isinstance(event.get("frozen"), dict):
+        # Deploy durations do not predict when a freeze ends.
+        return None
+    typical = event.get("typical_duration")
+    if not isinstance(typical, int | float):
+        return None
+    position = event.get("position")
+    ahead = max(0, position - 1) if isinstance(position, int) else 0
+    after_holder = ahead * float(typical)
+    holder = event.get("holder")
+    acquired_at = holder.get("acquired_at") if isinstance(holder, dict) else None
+    if not isinstance(acquired_at, int | float):
+        return f"ETA ~{format_duration(after_holder)}" if after_holder >= 1 else None
+    held_for = max(0.0, now - acquired_at)
+    left = float(typical) - held_for
+    if left > 0:
+        estimate = left + after_holder
+        return f"ETA ~{format_duration(estimate)}" if estimate >= 1 else "ETA <1s"
+    # The holder has run past the typical duration: report that instead of a negative ETA.
+    text = (
+        f"the holder is taking longer than usual ({format_duration(held_for)} so far, "
+        f"usually {format_duration(float(typical))})"
+    )
+    if after_holder >= 1:
+        text += f"; ETA ~{format_duration(after_holder)} after it ends"
+    return text
+
+
 class WaitDisplay:
     """Show a wait for a lock on stderr.
 
     On a terminal, one line is rewritten in place as the position, the holder
     or the elapsed time change, cut to the terminal's width. Elsewhere one line
     is printed when the wait starts and one when it ends, so logs stay short.
+    The start line waits for the ETA, at most START_LINE_GRACE seconds.
     """
 
     def __init__(self, lock: str, stream: TextIO | None = None, quiet: bool = False) -> None:
@@ -72,24 +126,38 @@ class WaitDisplay:
         self.started = time.monotonic()
         self._shown = False
         self._event: dict[str, Any] | None = None
-        self._event_at = self.started
+        self._first_event_at: float | None = None
 
     def update(self, event: dict[str, Any]) -> None:
         """Show a queue_position event."""
         if self.quiet:
             return
         self._event = event
-        self._event_at = time.monotonic()
+        if self._first_event_at is None:
+            self._first_event_at = time.monotonic()
         if self.terminal:
             self._draw()
-        elif not self._shown:
-            self._write(self._describe() + "\n")
-            self._shown = True
+        elif not self._shown and self._start_line_ready():
+            self._print_start_line()
 
     def refresh(self) -> None:
-        """Redraw the terminal line, so that the elapsed time moves."""
-        if self.terminal and self._event is not None:
+        """Redraw the terminal line, so that the elapsed time moves; print a due start line."""
+        if self._event is None or self.quiet:
+            return
+        if self.terminal:
             self._draw()
+        elif not self._shown and self._start_line_ready():
+            self._print_start_line()
+
+    def refresh_in(self) -> float | None:
+        """Return the seconds until ``refresh`` has something to do, or None if never."""
+        if self.quiet:
+            return None
+        if self.terminal:
+            return 1.0
+        if self._shown or self._first_event_at is None:
+            return None
+        return max(0.0, self._first_event_at + START_LINE_GRACE - time.monotonic())
 
     def note(self, text: str) -> None:
         """Print a line about the wait, such as a daemon restart, above the waiting line."""
@@ -101,11 +169,37 @@ class WaitDisplay:
 
     def finish(self, outcome: str) -> None:
         """End the wait display with ``outcome`` (for example ``got the lock``)."""
-        if self.quiet or not self._shown:
+        if self.quiet or self._event is None:
             return
+        if not self.terminal and not self._shown:
+            self._print_start_line()
         waited = format_duration(time.monotonic() - self.started)
         line = f"deployd: {self.lock}: {outcome} after waiting {waited}"
         self._write(f"\r\x1b[K{line}\n" if self.terminal else line + "\n")
+
+    def abandon(self) -> None:
+        """End the wait display without an outcome line, because an error line follows.
+
+        The terminal line is erased; without a terminal, a start line still
+        held back for the ETA is printed.
+        """
+        if self.quiet or self._event is None:
+            return
+        if self.terminal:
+            self._write("\r\x1b[K")
+        elif not self._shown:
+            self._print_start_line()
+
+    def _start_line_ready(self) -> bool:
+        event = self._event or {}
+        if event.get("typical_duration") is not None or isinstance(event.get("frozen"), dict):
+            return True
+        first = self._first_event_at
+        return first is not None and time.monotonic() - first >= START_LINE_GRACE
+
+    def _print_start_line(self) -> None:
+        self._write(self._describe() + "\n")
+        self._shown = True
 
     def _describe(self) -> str:
         event = self._event or {}
@@ -119,12 +213,9 @@ class WaitDisplay:
         position = event.get("position")
         if isinstance(position, int):
             parts.append(f"you are {ordinal(position)} in line")
-        eta = event.get("eta")
-        # Deploy durations do not predict when a freeze ends.
-        if isinstance(eta, int | float) and not isinstance(frozen, dict):
-            # The estimate counts down between events, which may come seldom.
-            left = eta - (time.monotonic() - self._event_at)
-            parts.append(f"ETA ~{format_duration(left)}" if left >= 1 else "ETA overdue")
+        eta = describe_eta(event, time.time())
+        if eta is not None:
+            parts.append(eta)
         return f"deployd: waiting for {self.lock}: " + "; ".join(parts or ["queued"])
 
     def _draw(self) -> None:
@@ -147,8 +238,11 @@ class WaitDisplay:
             self.quiet = True
 
 
-def notification_lines(health: dict[str, Any] | None) -> list[str]:
-    """Render the notifier's part of ``status``: on or off, counts, and what to fix."""
+def notification_lines(health: dict[str, Any] | None, daemon_pid: object = None) -> list[str]:
+    """Render the notifier's part of ``status``: on or off, counts, and what to fix.
+
+    A fix that restarts the daemon gets the restart command for ``daemon_pid``.
+    """
     if not health:
         return []
     if not health.get("configured"):
@@ -169,9 +263,25 @@ def notification_lines(health: dict[str, Any] | None) -> list[str]:
     problem = health.get("problem")
     if problem:
         lines.append(f"         STOPPED: {problem.get('message')}")
-        lines.append(f"         fix: {problem.get('fix')}")
-    elif health.get("last_error") and (health.get("queued") or health.get("retry_in")):
-        lines.append(f"         last error: {health['last_error']}")
+        from deployd_client.autostart import explain_restart
+
+        lines.append(f"         fix: {explain_restart(str(problem.get('fix')), daemon_pid)}")
+    elif health.get("last_error") and (
+        health.get("queued") or health.get("retry_in") or health.get("failed")
+    ):
+        lines.extend(last_error_lines(health, "         "))
+    return lines
+
+
+def last_error_lines(health: dict[str, Any], indent: str) -> list[str]:
+    """Return the notifier's last error with its time, and its fix when one is known."""
+    when = health.get("last_error_at")
+    at = f" at {clock_time(float(when))}" if isinstance(when, int | float) else ""
+    retry_in = health.get("retry_in")
+    retry = f"; retrying in {format_duration(float(retry_in))}" if retry_in else ""
+    lines = [f"{indent}last error{at}: {health.get('last_error')}{retry}"]
+    if health.get("last_error_fix"):
+        lines.append(f"{indent}fix: {health['last_error_fix']}")
     return lines
 
 
@@ -219,7 +329,7 @@ def _daemon_lines(status: dict[str, Any], color: bool) -> list[str]:
         details.append(f"clock offset {offset:+.3f}s")
     detail_text = f" ({', '.join(details)})" if details else ""
     lines.append(f"store    {store.get('kind')} at {store.get('location')}: {state}{detail_text}")
-    lines.extend(notification_lines(status.get("notifications")))
+    lines.extend(notification_lines(status.get("notifications"), daemon.get("pid")))
     return lines
 
 
@@ -309,11 +419,16 @@ def _queue_lines(locks: list[dict[str, Any]]) -> list[str]:
 
 def describe_freeze(freeze: dict[str, Any]) -> str:
     """Describe a freeze: what, by whom, since and until when, and why."""
-    what = "all locks" if freeze.get("scope") == "*" else str(freeze.get("scope"))
+    what = "all locks" if freeze.get("scope") == ALL_LOCKS else str(freeze.get("scope"))
+    return f"{what} by {describe_freeze_origin(freeze)}"
+
+
+def describe_freeze_origin(freeze: dict[str, Any]) -> str:
+    """Describe who set a freeze, since and until when, and why."""
     until = freeze.get("until")
     until_text = f" until {clock_time(float(until))}" if isinstance(until, int | float) else ""
     return (
-        f"{what} by {freeze.get('by')} since {clock_time(float(freeze.get('at', 0)))}"
+        f"{freeze.get('by')} since {clock_time(float(freeze.get('at', 0)))}"
         f"{until_text}: {freeze.get('reason')!r}"
     )
 

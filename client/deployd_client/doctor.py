@@ -2,9 +2,11 @@
 
 Checks the socket (path, directory owner and mode, a stale file), the daemon
 (does it respond, its version and pid), the store (reachable, latency), the
-clock offset to the store, Slack (configured, stopped by a rejection),
-lingering of the systemd user service, and the config file. It starts no
-daemon and changes nothing.
+clock offset to the store and a configured ``clock_offset``, Slack
+(configured, stopped by a rejection), lingering of the systemd user service,
+the config file, and, only when there are some, the variables that deployd
+ignores (an unknown DEPLOYD_*, a relative XDG_*). It starts no daemon and
+changes nothing.
 
 Each check prints one line: ``ok``, ``warn`` (works, but worth a look) or
 ``FAIL`` (deploys are or will be affected), with a ``fix:`` line under each
@@ -22,11 +24,13 @@ import stat
 import sys
 
 from deployd_client import __version__, exitcodes, paths
+from deployd_client.autostart import explain_restart, restart_command, run_by_systemd
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from deployd.config import Config
     from deployd_client.options import Arguments
 
 # Exit code when at least one check failed.
@@ -56,7 +60,10 @@ def run(args: Arguments) -> int:
     checks = collect_checks()
     name_width = max(len(check.name) for check in checks) + 2
     for check in checks:
-        print(f"{check.level.ljust(6)}{check.name.ljust(name_width)}{check.detail}")
+        first, *more = check.detail.splitlines() or [""]
+        print(f"{check.level.ljust(6)}{check.name.ljust(name_width)}{first}")
+        for line in more:
+            print(f"{' ' * (6 + name_width)}{line}")
         if check.fix and check.level != OK:
             print(f"{' ' * (6 + name_width)}fix: {check.fix}")
     failed = sum(check.level == FAIL for check in checks)
@@ -67,7 +74,14 @@ def run(args: Arguments) -> int:
 
 def collect_checks() -> list[Check]:
     """Return the checks in the order they are printed."""
-    path = paths.socket_path()
+    config, config_failure = read_config()
+    environment = check_environment()
+    try:
+        path = paths.socket_path()
+    except paths.PathError as exc:
+        # Neither a client nor a daemon can use the socket: nothing else to check there.
+        checks = [Check("socket", FAIL, str(exc)), check_config(config, config_failure, None)]
+        return checks if environment is None else [*checks, environment]
     socket_check, reachable = check_socket(path)
     checks = [socket_check]
     hello: dict[str, Any] | None = None
@@ -76,7 +90,7 @@ def collect_checks() -> list[Check]:
         daemon_check, hello, status = check_daemon(path)
         checks.append(daemon_check)
     if status is not None:
-        checks += [check_store(status), check_clock(status), check_slack(status)]
+        checks += [check_store(status), check_clock(status, config, hello), check_slack(status)]
     else:
         checks.append(
             Check(
@@ -89,7 +103,9 @@ def collect_checks() -> list[Check]:
     linger = check_linger()
     if linger is not None:
         checks.append(linger)
-    checks.append(check_config(hello))
+    checks.append(check_config(config, config_failure, hello))
+    if environment is not None:
+        checks.append(environment)
     return checks
 
 
@@ -244,8 +260,8 @@ def check_daemon(path: str) -> tuple[Check, dict[str, Any] | None, dict[str, Any
                 "daemon",
                 WARN,
                 f"{detail}, but this command is deployd {__version__}",
-                "restart the daemon to run the installed version: 'systemctl --user restart "
-                f"deployd' under systemd, else 'kill {pid}' (running deploys keep their leases)",
+                f"restart the daemon to run the installed version: {restart_command(pid)} "
+                "(running deploys keep their leases)",
             ),
             hello,
             status,
@@ -255,23 +271,21 @@ def check_daemon(path: str) -> tuple[Check, dict[str, Any] | None, dict[str, Any
 
 def _service_manager_of(pid: object) -> str | None:
     """Return which service unit runs ``pid``, judged by its control group, or None."""
-    if not isinstance(pid, int) or not sys.platform.startswith("linux"):
-        return None
-    try:
-        with open(f"/proc/{pid}/cgroup", encoding="utf-8") as handle:
-            groups = handle.read()
-    except OSError:
-        return None
-    return "systemd (deployd.service)" if "/deployd.service" in groups else None
+    return "systemd (deployd.service)" if run_by_systemd(pid) else None
 
 
 def _log_fix() -> str:
+    try:
+        log = os.path.join(paths.state_dir(), "deployd.log")
+    except paths.PathError:
+        # The config check reports the relative DEPLOYD_STATE_DIR.
+        log = "deployd.log in the daemon's state directory"
     if shutil.which("systemctl") is not None:
         return (
             "see 'systemctl --user status deployd.service' and 'journalctl --user -u deployd', "
-            f"or the log {os.path.join(paths.state_dir(), 'deployd.log')}"
+            f"or the log {log}"
         )
-    return f"see the log {os.path.join(paths.state_dir(), 'deployd.log')}"
+    return f"see the log {log}"
 
 
 # --- what the daemon reports ---
@@ -301,9 +315,24 @@ def check_store(status: dict[str, Any]) -> Check:
     return Check("store", OK, f"{where}: reachable{timing}")
 
 
-def check_clock(status: dict[str, Any]) -> Check:
-    """Check the offset between this machine's clock and the store's."""
+def check_clock(
+    status: dict[str, Any], config: Config | None = None, hello: dict[str, Any] | None = None
+) -> Check:
+    """Check the offset between this machine's clock and the store's.
+
+    A ``clock_offset`` in ``config`` moves the daemon's clock on purpose, to
+    test a wrong clock, and is reported as such when the daemon reads the same
+    config file.
+    """
     offset = (status.get("store") or {}).get("clock_offset")
+    # NOTE: this is the clock_offset of the file and this shell's environment as
+    # they are now; the daemon keeps the one it started with.
+    daemon_file = (hello or {}).get("config_file")
+    if config is not None and config.clock_offset and daemon_file == config.file:
+        # SQLite judges expiry by this machine's boot-time clock, so its offset
+        # is always 0 and does not reflect clock_offset.
+        measured = None if (status.get("store") or {}).get("kind") == "sqlite" else offset
+        return _configured_offset(measured, config, hello)
     if not isinstance(offset, int | float):
         return Check("clock", OK, "offset to the store's clock not measured yet")
     detail = f"offset to the store's clock {offset:+.3f}s"
@@ -312,9 +341,38 @@ def check_clock(status: dict[str, Any]) -> Check:
             "clock",
             WARN,
             f"{detail}; expiry is judged by the store's clock, but times shown here are off",
-            "synchronise this machine's clock (NTP: 'timedatectl set-ntp true' on systemd)",
+            _NTP_FIX,
         )
     return Check("clock", OK, detail)
+
+
+_NTP_FIX = "synchronise this machine's clock (NTP: 'timedatectl set-ntp true' on systemd)"
+
+
+def _configured_offset(offset: object, config: Config, hello: dict[str, Any] | None) -> Check:
+    """Report a configured ``clock_offset``, a setting for tests, and the offset left without it."""
+    from deployd.reload import describe_value
+
+    configured = config.clock_offset
+    source = config.sources.get("clock_offset", "the config")
+    detail = (
+        f"clock_offset = {describe_value(configured, 'clock_offset')} is set ({source}): it "
+        "moves this daemon's clock on purpose, and is meant for tests only"
+    )
+    if source.startswith("DEPLOYD_"):
+        fix = f"unset {source}"
+    else:
+        fix = f"remove clock_offset from {config.file}"
+    fix += ", unless this daemon serves a test, then restart the daemon"
+    if isinstance(offset, int | float):
+        # The store's clock minus the daemon's, which runs ``configured`` ahead.
+        actual = offset + configured
+        detail += (
+            f"\noffset to the store's clock {offset:+.3f}s, {actual:+.3f}s without clock_offset"
+        )
+        if abs(actual) > CLOCK_OFFSET_WARNING:
+            fix += f"; and {_NTP_FIX}"
+    return Check("clock", WARN, detail, explain_restart(fix, (hello or {}).get("pid")))
 
 
 def check_slack(status: dict[str, Any]) -> Check:
@@ -325,16 +383,27 @@ def check_slack(status: dict[str, Any]) -> Check:
     where = f"{notifications.get('mode')} to {notifications.get('channel')}"
     problem = notifications.get("problem")
     if isinstance(problem, dict):
+        pid = (status.get("daemon") or {}).get("pid")
         return Check(
             "slack",
             FAIL,
             f"{where}: delivery stopped: {problem.get('message')}",
-            f"{problem.get('fix')}; then restart the daemon, which sends the held messages",
+            _slack_fix(str(problem.get("fix") or "fix the Slack settings"), pid),
         )
     if notifications.get("error"):
         return Check("slack", WARN, f"{where}: {notifications['error']}", _log_fix())
     queued = notifications.get("queued") or 0
+    failed = notifications.get("failed") or 0
     last_error = notifications.get("last_error")
+    if failed:
+        # Failed messages were dropped for good, so a person has to look.
+        return Check(
+            "slack",
+            WARN,
+            f"{where}: {_count(failed, 'message')} not delivered in the last 7 days "
+            f"({notifications.get('sent', 0)} sent); last error: {last_error or 'unknown'}",
+            notifications.get("last_error_fix") or "see the daemon log for each message's error",
+        )
     if queued and last_error:
         return Check(
             "slack",
@@ -343,6 +412,13 @@ def check_slack(status: dict[str, Any]) -> Check:
             "the daemon retries; if it lasts, check the network to Slack",
         )
     return Check("slack", OK, f"{where}: delivering ({notifications.get('sent', 0)} sent)")
+
+
+def _slack_fix(fix: str, pid: object) -> str:
+    """Return the notifier's fix, which ends in a restart of the daemon, saying how to restart."""
+    if "restart the daemon" not in fix:
+        fix += ", then restart the daemon"
+    return f"{explain_restart(fix, pid)}; the new daemon sends the held messages"
 
 
 # --- lingering and config ---
@@ -371,27 +447,38 @@ def check_linger() -> Check | None:
     )
 
 
-def check_config(hello: dict[str, Any] | None) -> Check:
-    """Check that the config file is valid, as a daemon started from here would read it."""
+def read_config() -> tuple[Config | None, Check | None]:
+    """Read the config as a daemon started from here would; return it, or why that failed."""
     try:
         from deployd.config import load_config
         from deployd.errors import ConfigError
         from deployd.notifiers.credentials import load_credentials
     except ImportError as exc:
-        return Check("config", WARN, f"not checked: the daemon's package is missing ({exc})")
+        return None, Check("config", WARN, f"not checked: the daemon's package is missing ({exc})")
     try:
         config = load_config()
         load_credentials(config.slack)
     except ConfigError as exc:
-        from deployd.reload import masked_config_error
-
-        return Check(
+        # One line for each invalid key; ConfigError masks secrets in its message.
+        problems = exc.problems
+        where = exc.source or _config_file(exc.key)
+        return None, Check(
             "config",
             FAIL,
-            str(masked_config_error(exc)),
-            f"fix the value, then run 'deployd config check'; the running daemon keeps its "
-            f"config until the file is valid ({exc.source or paths.config_path()})",
+            "\n".join(str(problem) for problem in problems),
+            f"fix {'the values' if len(problems) > 1 else 'the value'} ({where}), then run "
+            "'deployd config check'; until then a running daemon keeps the config it has, and "
+            "a new daemon cannot start",
         )
+    return config, None
+
+
+def check_config(
+    config: Config | None, failure: Check | None, hello: dict[str, Any] | None
+) -> Check:
+    """Check that the config is valid; ``config`` and ``failure`` come from read_config()."""
+    if failure is not None or config is None:
+        return failure or Check("config", WARN, "not checked")
     detail = f"{config.file} is valid" if config.file else "no config file: the defaults apply"
     daemon_file = (hello or {}).get("config_file")
     if hello is not None and daemon_file != config.file:
@@ -402,6 +489,32 @@ def check_config(hello: dict[str, Any] | None) -> Check:
             "give the daemon and your shell the same DEPLOYD_CONFIG, or none",
         )
     return Check("config", OK, detail)
+
+
+def _config_file(fallback: str) -> str:
+    """Return the config file a daemon started from here would read, or ``fallback``."""
+    try:
+        return paths.config_path()
+    except paths.PathError:
+        return fallback
+
+
+def check_environment() -> Check | None:
+    """Check for variables that deployd ignores, such as a misspelt DEPLOYD_*; None when none."""
+    try:
+        from deployd.config import environment_warnings
+    except ImportError:
+        return None
+    warnings = environment_warnings()
+    if not warnings:
+        return None
+    return Check(
+        "environment",
+        WARN,
+        "\n".join(warnings),
+        "correct or unset each variable listed; a DEPLOYD_* variable that another tool reads "
+        "can stay",
+    )
 
 
 def _socket_origin() -> str:

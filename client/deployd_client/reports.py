@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import time
-
-from deployd_client.display import ago, paint, table
+from deployd_client.display import ago, clock_time, paint, table
 from deployd_client.durations import format_duration
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
@@ -66,8 +64,7 @@ def history_text(result: dict[str, Any], color: bool = False) -> str:
 
 def stats_text(result: dict[str, Any], color: bool = False) -> str:
     """Render the result of the ``stats`` op: totals, shares, latency, then per lock."""
-    since = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(result["since"])))
-    lines = [f"since {since} ({ago(float(result['since']))})", ""]
+    lines = [f"since {clock_time(float(result['since']))} ({ago(float(result['since']))})", ""]
     deploys = result.get("deploys", 0)
     if not deploys:
         lines.append("no deploys in this period")
@@ -96,10 +93,8 @@ def stats_text(result: dict[str, Any], color: bool = False) -> str:
             f"({latency['samples']} grants by this daemon without waiting)"
         )
     notifications = result.get("notifications")
-    if isinstance(notifications, dict) and notifications.get("delivery_rate") is not None:
-        lines.append(
-            f"slack        {_percent(notifications['delivery_rate'])} of messages delivered"
-        )
+    if isinstance(notifications, dict):
+        lines.extend(_delivery_lines(notifications, color))
     locks = result.get("locks") or {}
     if locks:
         lines.append("")
@@ -117,6 +112,27 @@ def stats_text(result: dict[str, Any], color: bool = False) -> str:
             )
         lines.append(table(rows, color))
     return "\n".join(lines)
+
+
+def _delivery_lines(notifications: dict[str, Any], color: bool) -> list[str]:
+    """Return the Slack lines of ``stats``: the delivery rate with its counts, and a stop."""
+    counts = ", ".join(
+        f"{notifications[state]} {state}"
+        for state in ("sent", "failed", "skipped", "parked", "queued")
+        if notifications.get(state)
+    )
+    rate = notifications.get("delivery_rate")
+    lines = []
+    if rate is not None:
+        lines.append(f"slack        {_percent(rate)} of messages delivered ({counts})")
+    elif counts:
+        lines.append(f"slack        {counts}")
+    problem = notifications.get("problem")
+    if isinstance(problem, dict):
+        stopped = f"STOPPED: {problem.get('message')}"
+        lines.append(f"             {paint(stopped, 'red', color)}")
+        lines.append(f"             fix: {problem.get('fix')}")
+    return lines
 
 
 def _percent(share: object) -> str:

@@ -23,7 +23,7 @@ import select
 import time
 
 from deployd_client import exitcodes
-from deployd_client.autostart import connect
+from deployd_client.autostart import DaemonStartFailed, connect
 from deployd_client.cli import (
     confirm_forced_lease,
     join_outer_lease,
@@ -220,6 +220,10 @@ class _Run:
         # lease to renew (it runs without a lock).
         self.confirmed_at: float | None = None
         self.renew_deadline = 0.0
+        # Why a daemon started to re-attach could not start: the latest reason,
+        # and every reason printed so far (each is printed once).
+        self.start_failure: str | None = None
+        self.start_failures_shown: set[str] = set()
         self.group_notice_shown = False
         # Whether this run joined the lease of the deploy it runs under (nesting):
         # that deploy renews and releases it, so this run only runs the command.
@@ -269,7 +273,7 @@ class _Run:
             display.finish(f"stopped waiting ({name})")
             return 128 + stop.signum
         except DaemonError:
-            display.finish("gave up")
+            display.abandon()  # the error line that follows gives the reason
             raise
         display.finish("got the lock")
         warn_if_unlocked(self.lease)
@@ -299,6 +303,8 @@ class _Run:
         env["DEPLOYD_FENCING_TOKEN"] = str(self.lease["token"])
         env["DEPLOYD_LEASE_DEPTH"] = str(joined_depth(self.lock) if self.joined else 1)
         env["DEPLOYD_OUTER_LEASES"] = outer_leases_around(self.lock)
+        # Tells 'deployd release' in the command that this run, not the command, ends the lease.
+        env["DEPLOYD_LEASE_OWNER"] = "run"
         try:
             self.child_pid = os.posix_spawnp(
                 self.command[0],
@@ -428,9 +434,14 @@ class _Run:
             return False
         if not self.group_notice_shown:
             self.group_notice_shown = True
+            if self.lost_message is None:
+                holding = f"holding {self.lock} until"
+            else:
+                holding = f"the lease on {self.lock} is already lost; waiting until"
             warn(
-                f"the command exited with {self.exit_code}; holding {self.lock} until the "
-                f"other processes of its process group ({self.child_pid}) exit"
+                f"the command exited with {self.exit_code}; {holding} the other processes "
+                f"of its process group ({self.child_pid}) exit. To stop them: "
+                f"kill -- -{self.child_pid}"
             )
         return True
 
@@ -473,10 +484,13 @@ class _Run:
             return
         silent = time.monotonic() - self.confirmed_at
         if silent >= self.renew_deadline:
+            why = ""
+            if self.connection is None and self.start_failure is not None:
+                why = f"; a new daemon cannot start: {self.start_failure}"
             self._lease_lost(
                 f"the daemon confirmed no renewal of the lease on {self.lock} for "
                 f"{silent:.1f}s (renew deadline {self.renew_deadline:g}s): it is stopped, "
-                "wedged or gone, so the lease may expire for others"
+                f"wedged or gone, so the lease may expire for others{why}"
             )
 
     def _reconnect(self, since: float) -> None:
@@ -484,6 +498,10 @@ class _Run:
         elapsed = time.monotonic() - since
         try:
             connection = connect(autostart=elapsed >= AUTOSTART_AFTER, timeout=1.0)
+        except DaemonStartFailed as exc:
+            if exc.exit_code not in (None, 75):
+                self._note_start_failure(str(exc))
+            return
         except (NoDaemon, ClientError):
             return
         try:
@@ -502,8 +520,20 @@ class _Run:
             connection.close()
             return
         self.connection = connection
+        self.start_failure = None
         self._confirmed(result)
         warn(f"re-attached to the lease on {self.lock}")
+
+    def _note_start_failure(self, reason: str) -> None:
+        """Keep why a new daemon cannot start, for LEASE LOST; print each reason once."""
+        self.start_failure = reason
+        if reason in self.start_failures_shown:
+            return
+        self.start_failures_shown.add(reason)
+        warn(
+            f"a new daemon cannot start, so the lease on {self.lock} is not renewed; retrying "
+            f"until the renew deadline: {reason}"
+        )
 
     def _lease_lost(self, message: str) -> None:
         if self.lost_message is not None:

@@ -14,7 +14,7 @@ import os
 import select
 import time
 
-from deployd_client.autostart import connect
+from deployd_client.autostart import DaemonStartFailed, connect
 from deployd_client.display import WaitDisplay
 from deployd_client.protocol import (
     ClientError,
@@ -92,7 +92,7 @@ def wait_for_lease(
             if not restarting or time.monotonic() >= give_up_at:
                 raise
         display.note("the daemon restarted; asking the next one")
-        connection = _reconnect(give_up_at, wakeup)
+        connection = _reconnect(give_up_at, wakeup, display)
 
 
 def _await_grant(
@@ -111,8 +111,10 @@ def _await_grant(
                 "stopped or overloaded: see 'deployd status' and the daemon log"
             )
         timeout = give_up_at - now
-        if display.terminal:
-            timeout = min(timeout, 1.0)  # refresh the elapsed time on the waiting line
+        refresh_in = display.refresh_in()
+        if refresh_in is not None:
+            # The terminal line shows the elapsed time; a start line may be held back for the ETA.
+            timeout = min(timeout, refresh_in)
         if connection.has_buffered_message():
             timeout = 0
         ready = _select(watched, timeout)
@@ -133,13 +135,25 @@ def _await_grant(
         return unwrap(message)
 
 
-def _reconnect(give_up_at: float, wakeup: int | None) -> Connection:
-    """Connect to the daemon that replaces one that went away, starting one if none comes."""
+def _reconnect(give_up_at: float, wakeup: int | None, display: WaitDisplay) -> Connection:
+    """Connect to the daemon that replaces one that went away, starting one if none comes.
+
+    Why a daemon started here failed (its ``deployd serve:`` line) is shown
+    once for each distinct reason, and raised when the wait gives up.
+    """
     lost_at = time.monotonic()
+    shown: set[str] = set()
     while True:
         elapsed = time.monotonic() - lost_at
         try:
             return connect(autostart=elapsed >= AUTOSTART_AFTER, timeout=1.0)
+        except DaemonStartFailed as exc:
+            reason = str(exc)
+            if exc.exit_code not in (None, 75) and reason not in shown:
+                shown.add(reason)
+                display.note(f"a new daemon cannot start: {reason}")
+            if time.monotonic() >= give_up_at:
+                raise
         except NoDaemon:
             if time.monotonic() >= give_up_at:
                 raise

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from deployd.errors import ConfigError
+from deployd.errors import ConfigError, ConfigErrors
 from deployd_client import paths
 from deployd_client.durations import parse_duration
 from deployd_client.names import lock_name_problem
@@ -130,6 +130,18 @@ class ServerConfig:
     half_line_timeout: float = 10.0
 
 
+def _default_state_dir() -> str:
+    """Return the state directory from the environment, or the default if that is invalid.
+
+    load_config reports a relative DEPLOYD_STATE_DIR; a Config built without it
+    (the one that logs a failed start) still gets a usable directory.
+    """
+    try:
+        return paths.state_dir()
+    except paths.PathError:
+        return paths.default_state_dir()
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The daemon's effective configuration.
@@ -144,7 +156,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     on_store_error: str = "open"
-    state_dir: str = field(default_factory=paths.state_dir)
+    state_dir: str = field(default_factory=_default_state_dir)
     clock_offset: float = 0.0
     file: str | None = None
     sources: Mapping[str, str] = field(default_factory=dict)
@@ -205,10 +217,34 @@ def _choice(*choices: str) -> Callable[[object], str]:
 
 
 def _path(value: object) -> str:
+    # NOTE: a relative path in the file is resolved against the current
+    # directory, which is / for a daemon that a client started.
     text = _string(value)
     if not text:
         raise ValueError("must not be empty")
     return os.path.abspath(os.path.expanduser(text))
+
+
+def _absolute_path(value: object) -> str:
+    """Parse a path from a DEPLOYD_* variable: expand ``~``; the result must be absolute."""
+    text = _string(value)
+    if not text:
+        raise ValueError("must not be empty")
+    expanded = os.path.expanduser(text)
+    if not os.path.isabs(expanded):
+        raise ValueError(_relative_rule(text))
+    return os.path.normpath(expanded)
+
+
+def _relative_rule(value: str, default: str | None = None) -> str:
+    """Return the rule that a relative path from the environment breaks, with the fix."""
+    rule = (
+        "must be an absolute path, because a relative one names another path in each "
+        f"working directory; set it to one such as {os.path.abspath(value)!r}"
+    )
+    if default is None:
+        return f"{rule}, or unset it"
+    return f"{rule}, or unset it to use the default {default}"
 
 
 def _namespace(value: object) -> str:
@@ -301,7 +337,7 @@ _KEYS: dict[tuple[str | None, str], Callable[[object], Any]] = {
     ("server", "half_line_timeout"): _positive_duration,
 }
 
-_SECTIONS = {"store", "lease", "slack", "log", "server"}
+_SECTIONS = ("store", "lease", "slack", "log", "server")
 
 
 def dotted(section: str | None, name: str) -> str:
@@ -314,64 +350,391 @@ def env_name(section: str | None, name: str) -> str:
     return "DEPLOYD_" + (f"{section}_{name}" if section else name).upper()
 
 
+# The DEPLOYD_* variables that deployd reads besides those of config keys: the
+# client's own, those that a deploy under a lease gets from ``deployd run`` and
+# ``deployd acquire --format env``, and the Slack credentials of
+# deployd.notifiers.credentials.
+OTHER_VARIABLES = (
+    "DEPLOYD_SOCKET",
+    "DEPLOYD_CONFIG",
+    "DEPLOYD_NO_AUTOSTART",
+    "DEPLOYD_DEBUG",
+    "DEPLOYD_LEASE_ID",
+    "DEPLOYD_LOCK",
+    "DEPLOYD_FENCING_TOKEN",
+    "DEPLOYD_LEASE_DEPTH",
+    "DEPLOYD_OUTER_LEASES",
+    "DEPLOYD_LEASE_OWNER",
+    "DEPLOYD_SLACK_TOKEN",
+    "DEPLOYD_SLACK_WEBHOOK_URL",
+)
+
+# The XDG base directory variables that deployd reads (deployd_client.paths).
+XDG_VARIABLES = ("XDG_RUNTIME_DIR", "XDG_STATE_HOME", "XDG_CONFIG_HOME")
+
+
+def known_variables() -> frozenset[str]:
+    """Return every DEPLOYD_* variable that deployd reads."""
+    return frozenset(env_name(*key) for key in _KEYS) | frozenset(OTHER_VARIABLES)
+
+
+def environment_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Return a warning for each variable of the environment that deployd ignores.
+
+    Those are DEPLOYD_* variables that deployd does not read, such as a
+    misspelt config key, and XDG_* base directories set to a relative path.
+    The warnings name variables, never their values, which may be secrets.
+    Tools other than deployd may set DEPLOYD_* variables, so none of this is
+    an error.
+    """
+    environ = os.environ if environ is None else environ
+    known = known_variables()
+    warnings = [
+        _unknown_variable_warning(variable, known)
+        for variable in sorted(environ)
+        if variable.startswith("DEPLOYD_") and variable not in known
+    ]
+    for variable in XDG_VARIABLES:
+        value = environ.get(variable)
+        if value and not os.path.isabs(value):
+            warnings.append(
+                f"{variable} is a relative path, so deployd ignores it, as the XDG Base "
+                "Directory Specification says to; set it to an absolute path, or unset it"
+            )
+    return warnings
+
+
+def _unknown_variable_warning(variable: str, known: frozenset[str]) -> str:
+    """Return the warning for a DEPLOYD_* variable that deployd does not read, with a guess."""
+    suffix = variable.removeprefix("DEPLOYD_")
+    # A key's name without its section (TTL for LEASE_TTL), or a section's name alone (LOG).
+    suggestions = [
+        env_name(*key) for key in _KEYS if suffix in (key[1].upper(), (key[0] or "").upper())
+    ]
+    if not suggestions:
+        import difflib
+
+        by_suffix = {name.removeprefix("DEPLOYD_"): name for name in sorted(known)}
+        suggestions = [
+            by_suffix[match] for match in difflib.get_close_matches(suffix, by_suffix, n=1)
+        ]
+    warning = f"{variable} is not a deployd variable, so it has no effect"
+    if suggestions:
+        return f"{warning}; did you mean {' or '.join(map(_describe_variable, suggestions))}?"
+    return (
+        f"{warning}; a config key is set by DEPLOYD_ followed by its section and name in upper "
+        "case, such as DEPLOYD_LEASE_TTL for lease.ttl"
+    )
+
+
+def _describe_variable(variable: str) -> str:
+    """Return the variable and the config key it sets, if any: ``DEPLOYD_LEASE_TTL (lease.ttl)``."""
+    for key in _KEYS:
+        if env_name(*key) == variable:
+            return f"{variable} ({dotted(*key)})"
+    return variable
+
+
+# The project of the Firestore emulator when neither store.project nor
+# GOOGLE_CLOUD_PROJECT names one.
+# NOTE: deployd.stores.firestore.resolve_project applies the same rule with its
+# own copy of this name; test_config_environment checks that they agree.
+EMULATOR_PROJECT = "deployd-local"
+
+
+def firestore_project(
+    store: StoreConfig, environ: Mapping[str, str] | None = None
+) -> tuple[str, str] | None:
+    """Return the Google Cloud project of the Firestore store and what chose it, or None.
+
+    The order is ``store.project``, GOOGLE_CLOUD_PROJECT, then EMULATOR_PROJECT
+    when FIRESTORE_EMULATOR_HOST is set.
+    """
+    environ = os.environ if environ is None else environ
+    if store.project:
+        return store.project, "store.project"
+    if environ.get("GOOGLE_CLOUD_PROJECT"):
+        return environ["GOOGLE_CLOUD_PROJECT"], "GOOGLE_CLOUD_PROJECT"
+    if environ.get("FIRESTORE_EMULATOR_HOST"):
+        return EMULATOR_PROJECT, "the emulator's project, as FIRESTORE_EMULATOR_HOST is set"
+    return None
+
+
+# Hints for unknown keys named like Slack credentials (``slack.token``,
+# ``slack.webhook_url``): the config file never contains the credential itself.
+# The variable names are those of deployd.notifiers.credentials.
+_TOKEN_HINT = (
+    "the config file holds no Slack token; put the bot token in a file that only you can "
+    "read (chmod 600) and set slack.token_file to its path, or set DEPLOYD_SLACK_TOKEN "
+    "(or SLACK_BOT_TOKEN), then remove this line"
+)
+_WEBHOOK_HINT = (
+    "the config file holds no webhook URL; put the URL in a file that only you can read "
+    "(chmod 600) and set slack.webhook_url_file to its path, or set "
+    "DEPLOYD_SLACK_WEBHOOK_URL, then remove this line"
+)
+
+
 def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Read the config file (if it exists) and the environment; validate everything.
 
-    Raises ConfigError naming the key, the value and the rule on the first
-    invalid entry. An explicitly given ``path`` that does not exist is an error;
-    the default path may be missing.
+    Raises ConfigError naming the key, the value and the rule, or ConfigErrors
+    when several keys are invalid. An explicitly given ``path`` (``--config``)
+    or ``DEPLOYD_CONFIG`` that does not exist is an error; the default path may
+    be missing.
     """
     environ = os.environ if environ is None else environ
-    explicit = path is not None or "DEPLOYD_CONFIG" in environ
-    file_path = path or paths.config_path()
-    values: dict[tuple[str | None, str], Any] = {}
-    sources: dict[str, str] = {}
+    if path is not None:
+        named_by: str | None = "--config"
+    elif "DEPLOYD_CONFIG" in environ:
+        named_by = "DEPLOYD_CONFIG"
+    else:
+        named_by = None
+    try:
+        file_path = path or paths.config_path()
+    except paths.RelativePath as exc:
+        raise ConfigError(
+            exc.variable, exc.value, _relative_rule(exc.value, paths.default_config_path())
+        ) from None
+    loader = _Loader()
 
-    text = _read_file(file_path, required=explicit)
+    text = _read_file(file_path, named_by)
     if text is not None:
-        _apply_file(file_path, text, values, sources)
-    _apply_environment(environ, values, sources)
+        loader.apply_file(file_path, text)
+    loader.apply_environment(environ)
+    loader.raise_problems()
 
-    config = _build(values, file_path if text is not None else None, sources)
-    _check_relations(config)
+    config = _build(loader.values, file_path if text is not None else None, loader.sources)
+    loader.check_relations(config)
+    loader.raise_problems()
     return config
 
 
-def _read_file(path: str, required: bool) -> str | None:
+def _read_file(path: str, named_by: str | None) -> str | None:
+    """Return the file's text, or None when it is missing and ``named_by`` is None."""
     try:
         with open(path, encoding="utf-8") as handle:
             return handle.read()
     except FileNotFoundError:
-        if required:
-            raise ConfigError("config", path, "the file does not exist") from None
+        if named_by == "--config":
+            raise ConfigError(
+                "--config", path, "the file does not exist; create it, or leave --config out"
+            ) from None
+        if named_by is not None:
+            raise ConfigError(
+                named_by,
+                path,
+                "the file does not exist; create it (an empty file means the defaults), or "
+                f"unset {named_by} to use the default path {paths.default_config_path()}",
+            ) from None
         return None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("config", path, f"the file cannot be read: {exc}") from exc
+        raise ConfigError("config file", path, f"the file cannot be read: {exc}") from exc
 
 
-def _apply_file(
-    path: str,
-    text: str,
-    values: dict[tuple[str | None, str], Any],
-    sources: dict[str, str],
-) -> None:
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("config", path, f"invalid TOML: {exc}") from exc
+class _Loader:
+    """The values of one load: parsed, as written, where each came from, and every problem."""
 
-    for top_key, top_value in document.items():
-        if top_key in _SECTIONS:
-            if not isinstance(top_value, dict):
-                raise ConfigError(top_key, top_value, "must be a table, for example [lease]", path)
-            for name, value in top_value.items():
-                _set(
-                    values, sources, (top_key, name), value, _file_source(path, text, top_key, name)
-                )
-        else:
-            _set(
-                values, sources, (None, top_key), top_value, _file_source(path, text, None, top_key)
+    def __init__(self) -> None:
+        self.values: dict[tuple[str | None, str], Any] = {}
+        self.sources: dict[str, str] = {}
+        # The raw value of each key set in the file or the environment, so that
+        # messages quote it as the user wrote it ("30s", not 30.0).
+        self.written: dict[str, object] = {}
+        self.problems: list[ConfigError] = []
+
+    def raise_problems(self) -> None:
+        """Raise the problems found so far: one ConfigError, or ConfigErrors for several."""
+        if len(self.problems) == 1:
+            raise self.problems[0]
+        if self.problems:
+            raise ConfigErrors(self.problems)
+
+    def apply_file(self, path: str, text: str) -> None:
+        try:
+            document = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config file", path, f"invalid TOML: {exc}") from exc
+
+        for top_key, top_value in document.items():
+            if top_key not in _SECTIONS and isinstance(top_value, dict):
+                source = _section_source(path, text, top_key)
+                rule = _unknown_section_rule(top_key, top_value)
+                self.problems.append(ConfigError(top_key, top_value, rule, source, shown="a table"))
+            elif top_key not in _SECTIONS:
+                source = _file_source(path, text, None, top_key)
+                self.set((None, top_key), top_value, source)
+            elif not isinstance(top_value, dict):
+                rule = "must be a table, for example [lease]"
+                self.problems.append(ConfigError(top_key, top_value, rule, path))
+            else:
+                for name, value in top_value.items():
+                    source = _file_source(path, text, top_key, name)
+                    self.set((top_key, name), value, source)
+
+    def apply_environment(self, environ: Mapping[str, str]) -> None:
+        for key in _KEYS:
+            variable = env_name(*key)
+            if variable in environ:
+                self.set(key, environ[variable], variable, from_environment=True)
+
+    def set(
+        self,
+        key: tuple[str | None, str],
+        raw: object,
+        source: str,
+        from_environment: bool = False,
+    ) -> None:
+        """Parse and keep one value; note a problem instead when it is invalid.
+
+        A path from the environment must be absolute, as ``paths`` requires of
+        DEPLOYD_STATE_DIR, so the client and the daemon agree on it.
+        """
+        name = dotted(*key)
+        parser = _KEYS.get(key)
+        if parser is None:
+            self.problems.append(ConfigError(name, raw, _unknown_key_rule(key), source))
+            return
+        if parser is _path and from_environment:
+            parser = _absolute_path
+        try:
+            self.values[key] = parser(raw)
+        except ValueError as exc:
+            self.problems.append(ConfigError(name, raw, str(exc), source))
+            return
+        self.sources[name] = source
+        self.written[name] = raw
+
+    def check_relations(self, config: Config) -> None:
+        """Check the rules that involve more than one key."""
+        lease = config.lease
+        if not MIN_TTL <= lease.ttl <= MAX_TTL:
+            self._relation_problem(
+                config, "lease.ttl", lease.ttl, f"must be between {MIN_TTL:g}s and {MAX_TTL:g}s"
             )
+        timings = lease.timings()
+        renew_every_valid = timings.renew_every < lease.ttl
+        if not renew_every_valid:
+            self._relation_problem(
+                config,
+                "lease.renew_every",
+                timings.renew_every,
+                f"must be shorter than lease.ttl ({lease.ttl:g}s), "
+                "or the lease expires between renewals",
+            )
+        # A derived deadline is not reported as well when renew_every is at fault.
+        deadline_checked = renew_every_valid or "lease.renew_deadline" in self.written
+        if deadline_checked and not timings.renew_every < timings.renew_deadline < lease.ttl:
+            self._relation_problem(
+                config,
+                "lease.renew_deadline",
+                timings.renew_deadline,
+                f"must be longer than lease.renew_every ({timings.renew_every:g}s) and shorter "
+                f"than lease.ttl ({lease.ttl:g}s), so a holder learns of a loss "
+                "before others can take the lock",
+            )
+        if config.store.kind == "firestore" and firestore_project(config.store) is None:
+            self._relation_problem(
+                config,
+                "store.project",
+                None,
+                "the Firestore store needs a Google Cloud project; set store.project "
+                "or GOOGLE_CLOUD_PROJECT",
+            )
+
+    def _relation_problem(self, config: Config, key: str, value: object, rule: str) -> None:
+        """Note a problem with ``key``, quoting its value as written, or saying it is unset."""
+        if key in self.written:
+            problem = ConfigError(key, self.written[key], rule, config.sources.get(key))
+        elif value is None:
+            problem = ConfigError(key, None, rule, shown="unset")
+        else:
+            shown = f"{value:g}s (unset, so derived from lease.ttl)"
+            problem = ConfigError(key, value, rule, shown=shown)
+        self.problems.append(problem)
+
+
+def _unknown_key_rule(key: tuple[str | None, str]) -> str:
+    """Return the rule for an unknown key: where a key of that name goes, and the known keys."""
+    section, name = key
+    lowered = name.lower()
+    if "token" in lowered:
+        return f"unknown key; {_TOKEN_HINT}"
+    if "webhook" in lowered:
+        return f"unknown key; {_WEBHOOK_HINT}"
+    known = ", ".join(dotted(*known_key) for known_key in _KEYS if known_key[0] == section)
+    if section is None:
+        known += f", and the sections {_section_list()}"
+    suggestions = _suggest_keys(section, name)
+    if not suggestions:
+        return f"unknown key; known keys here: {known}"
+    places = " or ".join(_place(suggested, section) for suggested in suggestions)
+    return f"unknown key; did you mean {places}? Known keys here: {known}"
+
+
+def _unknown_section_rule(name: str, table: dict[str, Any]) -> str:
+    """Return the rule for an unknown ``[name]`` table: the section meant, and every section.
+
+    The section meant holds every key of the table, or else has a name close to ``name``.
+    """
+    import difflib
+
+    suggestions = []
+    if table:
+        suggestions = [
+            section for section in _SECTIONS if all((section, key) in _KEYS for key in table)
+        ]
+    if not suggestions:
+        suggestions = difflib.get_close_matches(name, _SECTIONS, n=2)
+    top_level = ", ".join(dotted(*key) for key in _KEYS if key[0] is None)
+    known = f"sections are {_section_list()}, and the top-level keys {top_level}"
+    if not suggestions:
+        return f"unknown section; the {known}"
+    sections = " or ".join(f"[{section}]" for section in suggestions)
+    return f"unknown section; did you mean {sections}? The {known}"
+
+
+def _suggest_keys(section: str | None, name: str) -> list[tuple[str | None, str]]:
+    """Return the known keys that an unknown ``name`` in ``section`` probably means.
+
+    First the keys of that name in other sections (``ttl`` at the top level
+    means ``lease.ttl``), then close spellings in the same section, then close
+    spellings anywhere.
+    """
+    import difflib
+
+    same_name = [key for key in _KEYS if key[1] == name and key[0] != section]
+    if same_name:
+        return same_name
+    here = [key[1] for key in _KEYS if key[0] == section]
+    close = difflib.get_close_matches(name, here, n=2)
+    if close:
+        return [(section, match) for match in close]
+    names = sorted({key[1] for key in _KEYS})
+    close = difflib.get_close_matches(name, names, n=2)
+    return [key for key in _KEYS if key[1] in close]
+
+
+def _place(key: tuple[str | None, str], section: str | None) -> str:
+    """Return where ``key`` is written, for a message about a key found in ``section``."""
+    known_section, name = key
+    if known_section == section:
+        return dotted(*key)
+    if known_section is None:
+        return f"{name} at the top level, before the first [section]"
+    return f"{name} under [{known_section}] ({dotted(*key)})"
+
+
+def _section_list() -> str:
+    return ", ".join(f"[{section}]" for section in _SECTIONS)
+
+
+def _section_source(path: str, text: str, section: str) -> str:
+    """Return ``PATH:LINE`` for the ``[section]`` line, or just the path."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip() == f"[{section}]":
+            return f"{path}:{number}"
+    return path
 
 
 def _file_source(path: str, text: str, section: str | None, name: str) -> str:
@@ -386,35 +749,6 @@ def _file_source(path: str, text: str, section: str | None, name: str) -> str:
         if "=" in stripped and key == name and current == section:
             return f"{path}:{number}"
     return path
-
-
-def _apply_environment(
-    environ: Mapping[str, str],
-    values: dict[tuple[str | None, str], Any],
-    sources: dict[str, str],
-) -> None:
-    for key in _KEYS:
-        variable = env_name(*key)
-        if variable in environ:
-            _set(values, sources, key, environ[variable], variable)
-
-
-def _set(
-    values: dict[tuple[str | None, str], Any],
-    sources: dict[str, str],
-    key: tuple[str | None, str],
-    raw: object,
-    source: str,
-) -> None:
-    parser = _KEYS.get(key)
-    if parser is None:
-        known = ", ".join(dotted(*known_key) for known_key in _KEYS if known_key[0] == key[0])
-        raise ConfigError(dotted(*key), raw, f"unknown key; known keys here: {known}", source)
-    try:
-        values[key] = parser(raw)
-    except ValueError as exc:
-        raise ConfigError(dotted(*key), raw, str(exc), source) from exc
-    sources[dotted(*key)] = source
 
 
 def _build(
@@ -436,50 +770,6 @@ def _build(
         sources=sources,
         **top,
     )
-
-
-def _check_relations(config: Config) -> None:
-    """Check rules that involve more than one key."""
-    lease = config.lease
-    source = config.sources.get
-    if not MIN_TTL <= lease.ttl <= MAX_TTL:
-        raise ConfigError(
-            "lease.ttl",
-            lease.ttl,
-            f"must be between {MIN_TTL:g}s and {MAX_TTL:g}s",
-            source("lease.ttl"),
-        )
-    timings = lease.timings()
-    if timings.renew_every >= lease.ttl:
-        raise ConfigError(
-            "lease.renew_every",
-            timings.renew_every,
-            f"must be shorter than lease.ttl ({lease.ttl:g}s), "
-            "or the lease expires between renewals",
-            source("lease.renew_every"),
-        )
-    if not timings.renew_every < timings.renew_deadline < lease.ttl:
-        raise ConfigError(
-            "lease.renew_deadline",
-            timings.renew_deadline,
-            f"must be longer than lease.renew_every ({timings.renew_every:g}s) and shorter "
-            f"than lease.ttl ({lease.ttl:g}s), so a holder learns of a loss "
-            "before others can take the lock",
-            source("lease.renew_deadline"),
-        )
-    project_known = bool(
-        config.store.project
-        or os.environ.get("GOOGLE_CLOUD_PROJECT")
-        or os.environ.get("FIRESTORE_EMULATOR_HOST")
-    )
-    if config.store.kind == "firestore" and not project_known:
-        raise ConfigError(
-            "store.project",
-            None,
-            "the Firestore store needs a Google Cloud project; set store.project "
-            "or GOOGLE_CLOUD_PROJECT",
-            source("store.project"),
-        )
 
 
 def with_overrides(config: Config, **changes: Any) -> Config:

@@ -35,7 +35,7 @@ import anyio
 from anyio.abc import SocketListener, TaskGroup, TaskStatus
 
 from deployd import __version__
-from deployd.config import Config
+from deployd.config import Config, environment_warnings, firestore_project
 from deployd.coordinator import HeldLease
 from deployd.errors import ConfigError, DeploydError, StoreError
 from deployd.handlers import DaemonInfo, Ops
@@ -492,9 +492,17 @@ class Daemon:
                 binding.processes = {identity.pid: identity for identity in alive}
                 service.adopt(held, binding)
                 continue
-            if valid:
+            # A 'deployd run' client gives the lease up as lost at the renew
+            # deadline, so its record says lost from then on, as its exit code 76 does.
+            told_lost = kept.binding_kind == "connection" and (
+                now >= kept.confirmed_at + kept.timings.renew_deadline
+            )
+            if valid and not told_lost:
                 why = "its holder exited"
                 outcome = Outcome(OutcomeStatus.ABANDONED, detail=f"holder gone: {why}")
+            elif valid:
+                why = "no daemon renewed it by the renew deadline, and its holder exited"
+                outcome = Outcome(OutcomeStatus.LOST, detail=why)
             else:
                 why = "it expired while no daemon renewed it"
                 if not alive:
@@ -557,7 +565,9 @@ def _remove_socket(path: str, inode: int | None) -> None:
 def _store_location(config: Config) -> str:
     if config.store.kind == "sqlite":
         return config.store.sqlite_path(config.state_dir)
-    project = config.store.project or "(from environment)"
+    # The project the store uses; load_config rejects a Firestore store without one.
+    resolved = firestore_project(config.store)
+    project = resolved[0] if resolved else "(no project)"
     return f"{project}/{config.store.database}/{config.store.namespace}"
 
 
@@ -570,28 +580,45 @@ def configure_logging(config: Config) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # The format shows no caller, thread or process, so records skip collecting
+    # them, with the switches that the "Optimization" section of Python's
+    # logging HOWTO lists. Finding the caller walks the stack for every record.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log.level.upper())
 
 
+# The next steps after a config error that stops the start. The client that
+# started the daemon shows them with the error.
+CONFIG_FIX = (
+    "'deployd config check' lists every invalid key, and the next deployd command after the "
+    "fix starts the daemon"
+)
+
+
 def serve_main(config_path: str | None = None) -> int:
     """Run the daemon in the foreground; the entry point of ``deployd serve``."""
-    from deployd.config import load_config
+    from deployd.config import Config, load_config
 
     try:
         config = load_config(config_path)
     except ConfigError as exc:
-        print(f"deployd serve: {exc}", file=sys.stderr)
-        return exitcodes.CONFIG
+        # An invalid config names no log file or level to trust: log to stderr,
+        # which is deployd.log for a daemon that a client started.
+        configure_logging(Config())
+        return _start_failed(f"{exc}; {CONFIG_FIX}", exitcodes.CONFIG)
     configure_logging(config)
-    socket_path = paths.socket_path()
+    for warning in environment_warnings():
+        logger.warning("%s", warning)
     try:
+        socket_path = paths.socket_path()
         listening = take_listening_socket()
-    except ActivationError as exc:
-        logger.error("cannot start: %s", exc)
-        print(f"deployd serve: {exc}", file=sys.stderr)
-        return exitcodes.CONFIG
+    except (ActivationError, paths.PathError) as exc:
+        return _start_failed(str(exc), exitcodes.CONFIG)
     notify = NotifySocket.from_environment()
     try:
         daemon = Daemon(config, socket_path, config_path, listening, notify)
@@ -601,22 +628,31 @@ def serve_main(config_path: str | None = None) -> int:
             # Task groups wrap errors; report the first one the user can act on.
             raise _first_reportable(group) from group
     except StartupError as exc:
-        logger.error("cannot start: %s", exc)
-        print(f"deployd serve: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except paths.SocketPathTooLong as exc:
-        print(f"deployd serve: {exc}", file=sys.stderr)
-        return exitcodes.CONFIG
+        return _start_failed(str(exc), exc.exit_code)
+    except paths.PathError as exc:
+        return _start_failed(str(exc), exitcodes.CONFIG)
+    except ConfigError as exc:
+        # The Slack credentials, read once the store is open.
+        return _start_failed(f"{exc}; {CONFIG_FIX}", exitcodes.CONFIG)
     except DeploydError as exc:
-        logger.error("cannot start: %s", exc)
-        print(f"deployd serve: {exc}", file=sys.stderr)
-        return exitcodes.for_error_code(exc.code)
+        return _start_failed(str(exc), exitcodes.for_error_code(exc.code))
     except KeyboardInterrupt:
         return exitcodes.OK
     except (OSError, sqlite3.Error) as exc:
         logger.exception("daemon failed")
         print(f"deployd serve: failed: {exc}; see the log for details", file=sys.stderr)
         return exitcodes.INTERNAL
+
+
+def _start_failed(message: str, exit_code: int) -> int:
+    """Log why the daemon cannot start, print it for the client that started it, return the code.
+
+    A client that started this daemon quotes the ``deployd serve:`` line from
+    the daemon's stderr (``deployd_client.autostart``), so it stays one line.
+    """
+    logger.error("cannot start: %s", message)
+    print(f"deployd serve: {message}", file=sys.stderr)
+    return exit_code
 
 
 def _first_reportable(group: BaseExceptionGroup) -> BaseException:
@@ -626,7 +662,7 @@ def _first_reportable(group: BaseExceptionGroup) -> BaseException:
             found = _first_reportable(exception)
         else:
             found = exception
-        if isinstance(found, StartupError | DeploydError | paths.SocketPathTooLong):
+        if isinstance(found, StartupError | DeploydError | paths.PathError):
             return found
     first = group.exceptions[0]
     return _first_reportable(first) if isinstance(first, BaseExceptionGroup) else first

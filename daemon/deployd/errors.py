@@ -37,17 +37,63 @@ class InvalidArgument(InvalidRequest):
 
 
 class ConfigError(DeploydError):
-    """The configuration is invalid: names the key, the value and the rule."""
+    """The configuration is invalid: names the key, the value and the rule.
+
+    The message masks secrets (``deployd_client.redaction``): a value that
+    contains one is shown as ``'[masked]'``, and one that the rule quotes is
+    masked there too. ``shown`` replaces the value's ``repr`` in the message,
+    for a value that the file does not contain as such (a derived default).
+    ``value`` and ``rule`` keep what was passed, so never print them alone.
+    """
 
     code = "config_invalid"
 
-    def __init__(self, key: str, value: object, rule: str, source: str | None = None) -> None:
+    def __init__(
+        self,
+        key: str,
+        value: object,
+        rule: str,
+        source: str | None = None,
+        shown: str | None = None,
+    ) -> None:
+        from deployd_client.redaction import MASK, mask_secrets
+
         self.key = key
         self.value = value
         self.rule = rule
         self.source = source
-        where = f" in {source}" if source else ""
-        super().__init__(f"invalid {key} = {value!r}{where}: {rule}")
+        if shown is None:
+            shown = repr(value)
+            if mask_secrets(shown, key) != shown:
+                shown = repr(MASK)
+        where = f" in {mask_secrets(source)}" if source else ""
+        rule_text = mask_secrets(rule, key)
+        if isinstance(value, str) and len(value) >= 8 and shown == repr(MASK):
+            rule_text = rule_text.replace(value, MASK)
+        super().__init__(f"invalid {mask_secrets(key)} = {shown}{where}: {rule_text}")
+
+    @property
+    def problems(self) -> tuple[ConfigError, ...]:
+        """Return every invalid key this error reports, in the order they were found."""
+        return (self,)
+
+
+class ConfigErrors(ConfigError):
+    """Several keys of the configuration are invalid; ``problems`` lists them all.
+
+    Its attributes are those of the first problem. The message gives every
+    problem on one line, each starting with ``invalid``.
+    """
+
+    def __init__(self, problems: list[ConfigError]) -> None:
+        first = problems[0]
+        super().__init__(first.key, first.value, first.rule, first.source)
+        self._problems = tuple(problems)
+        self.args = ("; also ".join(str(problem) for problem in problems),)
+
+    @property
+    def problems(self) -> tuple[ConfigError, ...]:
+        return self._problems
 
 
 class StoreError(DeploydError):

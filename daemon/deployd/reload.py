@@ -26,10 +26,11 @@ import anyio
 
 from deployd.config import Config, load_config
 from deployd.errors import ConfigError
-from deployd.notifiers.credentials import redact
 from deployd.systemd import NotifySocket
 from deployd_client import paths
+from deployd_client.autostart import restart_command
 from deployd_client.durations import format_duration
+from deployd_client.redaction import mask_secrets
 
 logger = logging.getLogger("deployd.config")
 
@@ -65,7 +66,7 @@ def describe_value(value: Any, key: str = "") -> str:
         return "unset"
     if isinstance(value, float) and _is_duration(key):
         return format_duration(value) if value >= 0 else "-" + format_duration(-value)
-    return redact(repr(value) if isinstance(value, str) else str(value))
+    return mask_secrets(repr(value) if isinstance(value, str) else str(value), key)
 
 
 def _is_duration(key: str) -> bool:
@@ -126,17 +127,6 @@ def keep_restart_only(running: Config, new: Config) -> Config:
     )
 
 
-def masked_config_error(error: ConfigError) -> ConfigError:
-    """Return ``error`` with its value masked when the value looks like a Slack secret.
-
-    A token pasted under a key that does not exist would otherwise be quoted
-    in the log and in the op's error.
-    """
-    if redact(repr(error.value)) == repr(error.value):
-        return error
-    return ConfigError(error.key, "[masked]", error.rule, error.source)
-
-
 @dataclass(frozen=True, slots=True)
 class ReloadResult:
     """The outcome of a successful reload: the changes applied and those waiting for a restart."""
@@ -195,11 +185,9 @@ class ConfigReloader:
         try:
             loaded = await anyio.to_thread.run_sync(load_config, self.path)
         except ConfigError as exc:
-            error = masked_config_error(exc)
-            logger.warning(
-                "config reload (%s) rejected, the running config stays: %s", reason, error
-            )
-            raise error from None
+            # The message masks secrets (ConfigError), so it may be logged and returned.
+            logger.warning("config reload (%s) rejected, the running config stays: %s", reason, exc)
+            raise
 
         new = keep_restart_only(self.config, loaded)
         applied = tuple(config_changes(self.config, new))
@@ -221,8 +209,9 @@ class ConfigReloader:
             logger.info("config reloaded (%s) from %s: no changes", reason, where)
         if waiting:
             logger.warning(
-                "config changes that take effect only after a restart of the daemon, which "
-                "keeps the running values until then: %s",
+                "config changes that take effect only after a restart of the daemon (%s), "
+                "which keeps the running values until then: %s",
+                restart_command(os.getpid(), self._notify is not None and self._notify.enabled),
                 "; ".join(change.describe() for change in waiting),
             )
         return ReloadResult(loaded.file, applied, waiting)

@@ -31,6 +31,8 @@ MAX_HISTORY = 1000
 STATS_RECORDS = 10000
 DEFAULT_STATS_PERIOD = 7 * 86400.0
 LATEST_DEPLOYS = 5
+# The latest time a request may name: 2100-01-01 00:00 UTC, in seconds since the epoch.
+LATEST_TIME = 4102444800.0
 
 
 class ReportOps:
@@ -197,14 +199,14 @@ class ReportOps:
         params = Params(request)
         lock = params.lock() if request.get("lock") is not None else None
         limit = params.integer("limit", minimum=1, maximum=MAX_HISTORY) or 50
-        since = _since(params)
+        since = _since(request)
         records = await self._store_call(self.service.store.history(lock, limit, since))
         return history_report(records, lock, limit, since)
 
     async def stats(self, connection: Connection, request: dict[str, Any]) -> dict[str, Any]:
         """Return deploy counts, shares, latencies and per-lock medians since a time."""
         now = time.time()
-        since = _since(Params(request))
+        since = _since(request)
         if since is None:
             since = now - DEFAULT_STATS_PERIOD
         records = await self._store_call(self.service.store.history(None, STATS_RECORDS, since))
@@ -217,21 +219,27 @@ class ReportOps:
         )
 
     def _delivery(self) -> dict[str, Any] | None:
-        """Return the notifier's delivery counts and rate, or None without a notifier."""
+        """Return the notifier's delivery counts and rate, or None without a notifier.
+
+        The rate is the share of messages that reached Slack among those that
+        did or could not: sent, failed, skipped and parked. Queued messages
+        are left out, because they may still be sent.
+        """
         if self.notifier is None:
             return None
         try:
             health = self.notifier.health()
         except sqlite3.Error:
             return None
-        sent = int(health.get("sent", 0))
-        failed = int(health.get("failed", 0))
+        counts = {
+            state: int(health.get(state, 0))
+            for state in ("sent", "failed", "skipped", "parked", "queued")
+        }
+        due = counts["sent"] + counts["failed"] + counts["skipped"] + counts["parked"]
         return {
-            "sent": sent,
-            "failed": failed,
-            "queued": int(health.get("queued", 0)),
-            "parked": int(health.get("parked", 0)),
-            "delivery_rate": round(sent / (sent + failed), 4) if sent + failed else None,
+            **counts,
+            "delivery_rate": round(counts["sent"] / due, 4) if due else None,
+            "problem": health.get("problem"),
         }
 
     # --- freezes ---
@@ -241,28 +249,72 @@ class ReportOps:
         params = Params(request)
         scope = _scope(params, request)
         reason = params.text("reason")
-        if not reason:
-            raise InvalidArgument("freeze needs a reason, shown to everyone who is stopped by it")
-        until = params.seconds("until", 0.0, 4102444800.0)
+        if not reason or not reason.strip():
+            raise InvalidArgument(
+                "freeze needs a reason that is not blank, shown to everyone who is stopped by it"
+            )
+        until = params.seconds("until", 0.0, LATEST_TIME)
         if until is not None and until <= time.time():
             raise InvalidArgument(f"until {until!r} is in the past; give a time in the future")
         by = Owner(user_of(connection), self.host, connection.peer_pid, self.info.daemon_id)
+        # NOTE: a freeze of the same scope set between this read and the write is
+        # replaced without being reported.
+        in_force = await self._store_call(self.service.store.freezes())
+        replaced = next((freeze for freeze in in_force if freeze.scope == scope), None)
         freeze = await self._store_call(self.service.store.freeze(scope, reason, by, until))
-        logger.warning("froze %s by %s@%s: %s", scope, by.user, by.host, reason)
-        return {"schema": REPORT_SCHEMA, "frozen": freeze.to_json()}
+        if replaced is not None:
+            logger.warning(
+                "froze %s by %s@%s: %s, replacing the freeze by %s: %s",
+                scope,
+                by.user,
+                by.host,
+                reason,
+                replaced.by,
+                replaced.reason,
+            )
+        else:
+            logger.warning("froze %s by %s@%s: %s", scope, by.user, by.host, reason)
+        return {
+            "schema": REPORT_SCHEMA,
+            "frozen": freeze.to_json(),
+            "replaced": replaced.to_json() if replaced is not None else None,
+        }
 
     async def unfreeze(self, connection: Connection, request: dict[str, Any]) -> dict[str, Any]:
-        """Lift the freeze of one lock, or the freeze of all locks."""
+        """Lift the freeze of one lock, or the freeze of all locks (not those of single locks).
+
+        ``was_in_force`` is false when the lifted freeze had already ended at
+        its ``until``, judged by the store's clock as this daemon last measured it.
+        """
         scope = _scope(Params(request), request)
         lifted = await self._store_call(self.service.store.unfreeze(scope))
-        if lifted is not None:
-            logger.warning("unfroze %s by %s", scope, user_of(connection))
-        return {"schema": REPORT_SCHEMA, "unfrozen": lifted.to_json() if lifted else None}
+        if lifted is None:
+            return {"schema": REPORT_SCHEMA, "unfrozen": None, "was_in_force": False}
+        was_in_force = lifted.active(time.time() + (self._clock_offset() or 0.0))
+        logger.warning(
+            "unfroze %s by %s%s",
+            scope,
+            user_of(connection),
+            "" if was_in_force else " (it had already ended)",
+        )
+        return {"schema": REPORT_SCHEMA, "unfrozen": lifted.to_json(), "was_in_force": was_in_force}
 
 
-def _since(params: Params) -> float | None:
-    """Read ``since``: seconds since the epoch, no earlier than 1970."""
-    return params.seconds("since", 0.0, 4102444800.0, allow_zero=True)
+def _since(request: dict[str, Any]) -> float | None:
+    """Read ``since``: a time in seconds since the epoch, from 1970 to LATEST_TIME."""
+    value = request.get("since")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(
+            f"since must be a time in seconds since the epoch, got {type(value).__name__} {value!r}"
+        )
+    if not 0 <= value <= LATEST_TIME:
+        raise InvalidArgument(
+            f"since must be a time in seconds since the epoch from 0 (1970) to "
+            f"{LATEST_TIME:.0f} (2100), got {value!r}"
+        )
+    return float(value)
 
 
 def _scope(params: Params, request: dict[str, Any]) -> str:

@@ -65,8 +65,10 @@ class Notifier(ABC):
 
         Keys: ``configured`` (true), ``kind``, ``mode``, ``channel``, the
         message counts ``queued``, ``parked``, ``sent``, ``failed`` and
-        ``skipped``, ``oldest_queued_age`` in seconds, ``last_error`` and
-        ``problem`` (a rejection that stopped delivery, with its fix).
+        ``skipped``, ``oldest_queued_age`` in seconds, ``last_error`` with
+        ``last_error_fix`` (what to do about it, or None) and
+        ``last_error_at``, and ``problem`` (a rejection that stopped
+        delivery, with its fix).
         """
 
     @abstractmethod

@@ -8,7 +8,9 @@ outcome. A wait behind another holder is posted on its own (ref
 incoming webhook) every draft is a plain post and nothing is updated.
 
 Text from people (commits, reasons, revisions, output) is escaped for
-Slack's mrkdwn, so it cannot mention users or forge links.
+Slack's mrkdwn, in the blocks and in the plain-text fallback alike, because
+Slack parses the fallback ``text`` for mentions and links too. It cannot
+mention users or forge links.
 """
 
 from __future__ import annotations
@@ -57,14 +59,22 @@ class Draft:
 
 @dataclass(frozen=True, slots=True)
 class Text:
-    """The same words as Slack mrkdwn and as plain text."""
+    """The same words as Slack mrkdwn and as plain text.
+
+    ``plain`` is not escaped yet: ``_draft`` escapes the whole fallback text
+    once it is put together.
+    """
 
     mrkdwn: str
     plain: str
 
 
 def escape(text: str) -> str:
-    """Escape the three characters that Slack's mrkdwn treats as control characters."""
+    """Escape ``&``, ``<`` and ``>``, the characters Slack reads as markup in message text.
+
+    Slack's message formatting guide (api.slack.com/docs/message-formatting)
+    names these three and no others, for all text that a client posts.
+    """
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
@@ -209,11 +219,18 @@ def _draft(
     if output:
         blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": _code(output)}})
         text += "\n" + "\n".join(output)
-    return Draft(action, ref, _clip(text, TEXT_LIMIT), blocks)
+    return Draft(action, ref, _clip(escape(text), TEXT_LIMIT), blocks)
 
 
 def _clip(text: str, limit: int = SECTION_LIMIT) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    """Cut escaped text to ``limit`` characters, never inside an entity such as ``&amp;``."""
+    if len(text) <= limit:
+        return text
+    kept = text[: limit - 1]
+    entity_start = kept.rfind("&", max(0, len(kept) - len("&amp;")))
+    if entity_start != -1 and ";" not in kept[entity_start:]:
+        kept = kept[:entity_start]
+    return kept + "…"
 
 
 def _code(lines: Sequence[str]) -> str:

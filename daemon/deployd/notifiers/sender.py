@@ -92,6 +92,7 @@ class SlackNotifier(Notifier):
         self._pruned_at = 0.0
         self._failures = 0
         self._last_error: str | None = None
+        self._last_error_fix: str | None = None
         self._last_error_at: float | None = None
         self._problem: Rejected | None = None
         self._logged_codes: set[str] = set()
@@ -215,6 +216,7 @@ class SlackNotifier(Notifier):
             "oldest_queued_age": round(now - oldest, 3) if oldest is not None else None,
             "retry_in": round(self._paused_until - now, 3) if self._paused_until > now else None,
             "last_error": self._last_error,
+            "last_error_fix": self._last_error_fix,
             "last_error_at": self._last_error_at,
             "problem": (
                 {"error": problem.code, "message": problem.message, "fix": problem.fix}
@@ -338,7 +340,7 @@ class SlackNotifier(Notifier):
                 self._record(row, found, unsure=True)
                 return
             if not isinstance(found, NotFound):
-                self._record(row, found, unsure=True)
+                self._record(row, found, unsure=True, checking=True)
                 return
 
         self.outbox.begin_attempt(row.id, self._clock())
@@ -349,8 +351,12 @@ class SlackNotifier(Notifier):
             result = await transport.post(payload, row.uid, thread)
         self._record(row, result, unsure=False)
 
-    def _record(self, row: Row, result: Result, unsure: bool) -> None:
-        """Store the result of an attempt; ``unsure`` when the row may already be in the channel."""
+    def _record(self, row: Row, result: Result, unsure: bool, checking: bool = False) -> None:
+        """Store the result of an attempt; ``unsure`` when the row may already be in the channel.
+
+        ``checking`` marks the result of the lookup before an attempt, which
+        is not an attempt itself.
+        """
         now = self._clock()
         if isinstance(result, Sent):
             self.outbox.mark_sent(row.id, result.channel_id, result.ts, now)
@@ -365,11 +371,13 @@ class SlackNotifier(Notifier):
         if isinstance(result, Rejected):
             self._rejected(row, result, now)
             return
-        self._retry(row, result, unsure or result.delivered_maybe, now)
+        self._retry(row, result, unsure or result.delivered_maybe, now, checking)
 
-    def _retry(self, row: Row, result: Retry, unsure: bool, now: float) -> None:
+    def _retry(self, row: Row, result: Retry, unsure: bool, now: float, checking: bool) -> None:
+        # The error names the API method, the HTTP status and Slack's error code.
         error = self.credentials.secret.redact(result.error)
         self._note_error(error)
+        # row.attempts counts the posts and updates sent before this one.
         attempts = row.attempts + 1
         if result.max_attempts is not None and attempts >= result.max_attempts:
             self._give_up(row, f"{error}; gave up after {attempts} attempts", now)
@@ -380,17 +388,21 @@ class SlackNotifier(Notifier):
         if result.after is not None:
             delay = result.after
         else:
-            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(row.attempts, 16))
+            # Failed lookups add no attempt, so the failures in a row make the backoff grow too.
+            steps = max(row.attempts, self._failures)
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(steps, 16))
             delay *= random.uniform(0.9, 1.1)
         self._paused_until = max(self._paused_until, now + delay)
         self.outbox.mark_retry(row.id, now + delay, error, unsure)
         self._failures += 1
         log = logger.warning if self._failures == 1 else logger.info
+        what = "lookup before attempt" if checking else "attempt"
         log(
-            "Slack request failed, retrying in %.1fs: message=%d session=%s attempt=%d: %s",
+            "Slack request failed, retrying in %.1fs: message=%d session=%s %s=%d: %s",
             delay,
             row.id,
             row.session_id,
+            what,
             attempts,
             error,
         )
@@ -407,7 +419,7 @@ class SlackNotifier(Notifier):
             self._reject_all(result)
             return
         text = f"{result.message}; fix: {result.fix}"
-        self._note_error(text)
+        self._note_error(result.message, result.fix)
         self.outbox.mark_finished(row.id, State.FAILED, text, now)
         log = logger.warning if result.code not in self._logged_codes else logger.debug
         self._logged_codes.add(result.code)
@@ -421,7 +433,7 @@ class SlackNotifier(Notifier):
     def _reject_all(self, result: Rejected) -> None:
         """Stop delivery after a rejection of the credentials or channel, and log it once."""
         self._problem = result
-        self._note_error(self._problem_text(result))
+        self._note_error(result.message, result.fix)
         parked = self.outbox.park_queued(self._problem_text(result))
         logger.error(
             "Slack delivery stopped: %s; fix: %s. %d queued messages are kept and sent "
@@ -445,6 +457,7 @@ class SlackNotifier(Notifier):
             self.credentials.secret.redact(text),
         )
 
-    def _note_error(self, error: str) -> None:
+    def _note_error(self, error: str, fix: str | None = None) -> None:
         self._last_error = self.credentials.secret.redact(error)
+        self._last_error_fix = fix
         self._last_error_at = self._clock()

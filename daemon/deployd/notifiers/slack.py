@@ -226,7 +226,7 @@ class SlackBotTransport:
             with anyio.fail_after(self.timeout + 2):
                 await self._client().auth_test()
         except (SlackClientError, aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return self._failure(exc)
+            return self._failure(exc, "auth.test")
         return Sent()
 
     async def post(
@@ -246,10 +246,12 @@ class SlackBotTransport:
             with anyio.fail_after(self.timeout + 2):
                 response = await self._client().chat_postMessage(**arguments)
         except (SlackClientError, aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return self._failure(exc)
+            return self._failure(exc, "chat.postMessage")
         channel_id, ts = response.get("channel"), response.get("ts")
         if not channel_id or not ts:
-            return Retry("Slack's response has no channel or ts", delivered_maybe=True)
+            return Retry(
+                "chat.postMessage: the response has no channel or ts", delivered_maybe=True
+            )
         # ts must stay a string: as a float it loses digits and no longer names the message.
         return Sent(str(channel_id), str(ts))
 
@@ -260,7 +262,7 @@ class SlackBotTransport:
                     channel=channel_id, ts=ts, text=payload["text"], blocks=payload["blocks"]
                 )
         except (SlackClientError, aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return self._failure(exc)
+            return self._failure(exc, "chat.update")
         return Sent(str(response.get("channel") or channel_id), str(response.get("ts") or ts))
 
     async def find(
@@ -272,6 +274,7 @@ class SlackBotTransport:
             if not isinstance(resolved, str):
                 return resolved
             channel_id = resolved
+        method = "conversations.replies" if thread is not None else "conversations.history"
         cursor: str | None = None
         for _ in range(HISTORY_PAGES):
             arguments: dict[str, Any] = {
@@ -290,7 +293,7 @@ class SlackBotTransport:
                     else:
                         response = await client.conversations_history(**arguments)
             except (SlackClientError, aiohttp.ClientError, TimeoutError, OSError) as exc:
-                return self._failure(exc, checking=True)
+                return self._failure(exc, method, checking=True)
             for message in response.get("messages") or []:
                 if _carries(message, uid):
                     return Sent(channel_id, str(message["ts"]))
@@ -319,7 +322,7 @@ class SlackBotTransport:
                         cursor=cursor,
                     )
             except (SlackClientError, aiohttp.ClientError, TimeoutError, OSError) as exc:
-                return self._failure(exc, checking=True)
+                return self._failure(exc, "conversations.list", checking=True)
             for channel in response.get("channels") or []:
                 if channel.get("name") == name and channel.get("id"):
                     self._channel_id = str(channel["id"])
@@ -336,46 +339,57 @@ class SlackBotTransport:
             Scope.MESSAGE,
         )
 
-    def _failure(self, exc: BaseException, checking: bool = False) -> Retry | Rejected:
-        """Classify an exception from slack-sdk or aiohttp; ``checking`` for history lookups."""
+    def _failure(self, exc: BaseException, method: str, checking: bool = False) -> Retry | Rejected:
+        """Classify an exception from slack-sdk or aiohttp in a call of the Web API ``method``.
+
+        ``checking`` is set for the lookups that decide whether an unanswered
+        post arrived. Every error text starts with the method.
+        """
         if isinstance(exc, SlackApiError):
-            return self._api_failure(exc, checking)
+            return self._api_failure(exc, method, checking)
         if isinstance(exc, aiohttp.ClientConnectorError):
             # The connection was never made, so nothing was sent.
-            return Retry(self.secret.redact(f"cannot connect: {exc}"), delivered_maybe=False)
+            return Retry(
+                self.secret.redact(f"{method}: cannot connect: {exc}"), delivered_maybe=False
+            )
         if isinstance(exc, TimeoutError):
-            return Retry(f"no response within {self.timeout:g}s", delivered_maybe=True)
-        text = self.secret.redact(f"{type(exc).__name__}: {exc}")
+            return Retry(f"{method}: no response within {self.timeout:g}s", delivered_maybe=True)
+        text = self.secret.redact(f"{method}: {type(exc).__name__}: {exc}")
         return Retry(text, delivered_maybe=True)
 
-    def _api_failure(self, exc: SlackApiError, checking: bool) -> Retry | Rejected:
+    def _api_failure(self, exc: SlackApiError, method: str, checking: bool) -> Retry | Rejected:
         response = exc.response
         status = int(getattr(response, "status_code", 0) or 0)
         data = response.data if isinstance(response.data, dict) else {}
         code = str(data.get("error") or f"http_{status}")
         after = retry_after(getattr(response, "headers", None))
+        answer = f"{method}: HTTP {status}, error {code}"
         if status == 429 or code == "ratelimited":
-            return Retry(f"rate limited ({code})", delivered_maybe=False, after=after)
+            return Retry(f"{answer} (rate limited)", delivered_maybe=False, after=after)
         if checking and code in ("missing_scope", "channel_not_found", "not_in_channel"):
             needed = data.get("needed") or "channels:history, groups:history"
             return Rejected(
                 code,
-                f"cannot read the channel to check whether an unanswered post reached it ({code})",
+                f"cannot read the channel to check whether an unanswered post reached it "
+                f"({method}: {code})",
                 f"give the Slack app the {needed} scope and invite the bot to the channel; "
                 "until then such a message is dropped rather than risk posting it twice",
                 Scope.MESSAGE,
             )
         if code in NOTIFIER_ERRORS:
             fix = NOTIFIER_ERRORS[code].format(channel=self.channel)
-            return Rejected(code, f"Slack rejected the request: {code}", fix, Scope.NOTIFIER)
+            return Rejected(code, f"Slack rejected {method}: {code}", fix, Scope.NOTIFIER)
         if code in MESSAGE_ERRORS:
             return Rejected(
-                code, f"Slack rejected the message: {code}", MESSAGE_ERRORS[code], Scope.MESSAGE
+                code,
+                f"Slack rejected the message ({method}): {code}",
+                MESSAGE_ERRORS[code],
+                Scope.MESSAGE,
             )
         if status >= 500 or code in AMBIGUOUS_ERRORS:
-            return Retry(f"Slack error {code}", delivered_maybe=True, after=after)
+            return Retry(answer, delivered_maybe=True, after=after)
         return Retry(
-            f"Slack error {code}",
+            answer,
             delivered_maybe=False,
             after=after,
             max_attempts=UNKNOWN_ERROR_ATTEMPTS,
@@ -428,19 +442,24 @@ class SlackWebhookTransport:
                 )
         except (SlackClientError, aiohttp.ClientError, TimeoutError, OSError) as exc:
             if isinstance(exc, aiohttp.ClientConnectorError):
-                return Retry(self.secret.redact(f"cannot connect: {exc}"), delivered_maybe=False)
+                return Retry(
+                    self.secret.redact(f"webhook: cannot connect: {exc}"), delivered_maybe=False
+                )
             if isinstance(exc, TimeoutError):
-                return Retry(f"no response within {self.timeout:g}s", delivered_maybe=True)
-            return Retry(self.secret.redact(f"{type(exc).__name__}: {exc}"), delivered_maybe=True)
+                return Retry(f"webhook: no response within {self.timeout:g}s", delivered_maybe=True)
+            return Retry(
+                self.secret.redact(f"webhook: {type(exc).__name__}: {exc}"), delivered_maybe=True
+            )
         return self._answer(response.status_code, response.body or "", response.headers)
 
     def _answer(self, status: int, body: str, headers: Mapping[str, Any]) -> Result:
         if status == 200:
             return Sent()
         code = body.strip()[:100] or f"http_{status}"
+        answer = f"webhook: HTTP {status}, error {code}"
         if status == 429:
             return Retry(
-                f"rate limited ({code})", delivered_maybe=False, after=retry_after(headers)
+                f"{answer} (rate limited)", delivered_maybe=False, after=retry_after(headers)
             )
         if code in WEBHOOK_NOTIFIER_ERRORS:
             return Rejected(
@@ -452,9 +471,7 @@ class SlackWebhookTransport:
         if 400 <= status < 500:
             fix = MESSAGE_ERRORS["invalid_blocks"]
             return Rejected(code, f"Slack rejected the message: {code}", fix, Scope.MESSAGE)
-        return Retry(
-            f"Slack error {code} (HTTP {status})", delivered_maybe=True, after=retry_after(headers)
-        )
+        return Retry(answer, delivered_maybe=True, after=retry_after(headers))
 
     async def update(self, payload: dict[str, Any], channel_id: str, ts: str) -> Result:
         return Rejected(
