@@ -10,6 +10,9 @@ Both run against the same Firestore emulator in the same run:
   In (a) a second variant also creates the deployment record that deployd
   writes with every grant, so that both do the same work.
 
+(a) also calls the daemon's store directly in this process, without the
+daemon, to split the daemon's time into the store's and its own.
+
 Measurements:
 
 (a) uncontended acquire: median latency of each, from sending the request
@@ -18,7 +21,13 @@ Measurements:
 (b) contention: CONTENDERS contenders for one lock per round, each through
     its own daemon or its own client, all started at once: winners per
     round, round time and RPCs per round;
-(c) end to end: ``deployd acquire`` as a command, from spawn to exit.
+(c) end to end: ``deployd acquire`` as a command, from spawn to exit;
+(d) a held lock: one lease held through a daemon with the default TTL for
+    ``--hold-seconds``, then a waiter in a second daemon for
+    ``--wait-seconds``, each daemon behind a counting proxy of its own. It
+    counts commits, batch gets and the documents they write and read per
+    minute, and turns them into store operations and list-price costs per
+    deploy, day and month.
 
 Usage: firestore_bench.py --emulator-host 127.0.0.1:PORT [options]
 
@@ -93,10 +102,22 @@ class RpcCounter:
 
     def count(self) -> int:
         """Return how many RPCs have passed through the proxy."""
+        return int(self._ask("count"))
+
+    def methods(self) -> dict[str, int]:
+        """Return the RPCs so far by kind, with the documents read and the writes.
+
+        The keys are ``commit``, ``batch_get``, ``query``, ``other``,
+        ``documents_read`` and ``writes`` (see rpc_counter.py).
+        """
+        counts: dict[str, int] = json.loads(self._ask("methods"))
+        return counts
+
+    def _ask(self, command: str) -> str:
         assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write("count\n")
+        self.process.stdin.write(command + "\n")
         self.process.stdin.flush()
-        return int(self.process.stdout.readline())
+        return self.process.stdout.readline()
 
     def close(self) -> None:
         if self.process.stdin is not None:
@@ -117,19 +138,25 @@ def rpc_counter(upstream: str) -> Iterator[RpcCounter]:
 # --- the two locks ---
 
 
-def firestore_config(namespace: str) -> str:
-    """Return the config of a daemon on the Firestore store in ``namespace``."""
-    return (
-        f'[store]\nkind = "firestore"\nproject = "{PROJECT}"\nnamespace = "{namespace}"\n'
-        f'[lease]\nttl = "{TTL:g}s"\n'
-    )
+def firestore_config(namespace: str, ttl: float | None = TTL) -> str:
+    """Return the config of a daemon on the Firestore store in ``namespace``.
+
+    With ``ttl`` None the config sets no lease section, so the daemon uses its
+    default TTL and renewal interval.
+    """
+    config = f'[store]\nkind = "firestore"\nproject = "{PROJECT}"\nnamespace = "{namespace}"\n'
+    if ttl is not None:
+        config += f'[lease]\nttl = "{ttl:g}s"\n'
+    return config
 
 
 @contextlib.contextmanager
-def firestore_daemon(emulator_host: str, namespace: str) -> Iterator[Daemon]:
+def firestore_daemon(
+    emulator_host: str, namespace: str, ttl: float | None = TTL
+) -> Iterator[Daemon]:
     """Yield a running daemon on the Firestore store, reaching the emulator at ``emulator_host``."""
     environment = {"FIRESTORE_EMULATOR_HOST": emulator_host}
-    with running_daemon(firestore_config(namespace), environment) as daemon:
+    with running_daemon(firestore_config(namespace, ttl), environment) as daemon:
         yield daemon
 
 
@@ -236,56 +263,100 @@ class TransactionLock:
         await self.reference.update({"holder": None, "expires_at": 0.0})
 
 
+class StoreLock:
+    """The daemon's Firestore store, called in the benchmark's own process without a daemon.
+
+    Its time against the daemon's shows what the daemon adds around the
+    store: the socket, the request handler and the lease service.
+    """
+
+    def __init__(self, emulator_host: str, namespace: str) -> None:
+        from deployd.stores.firestore import FirestoreStore
+
+        self.emulator_host = emulator_host
+        self.store = FirestoreStore(PROJECT, namespace=namespace)
+
+    async def open(self) -> None:
+        # The store reads FIRESTORE_EMULATOR_HOST when it opens.
+        with mock.patch.dict(os.environ, {"FIRESTORE_EMULATOR_HOST": self.emulator_host}):
+            await self.store.open()
+
+    async def acquire(self) -> Any:
+        """Return the granted lease, or None when the lock is busy."""
+        from deployd.models import Acquired, LeaseRequest, Owner, Purpose
+
+        request = LeaseRequest(
+            lock=LOCK,
+            holder=secrets.token_hex(8),
+            acquisition_id=secrets.token_hex(8),
+            owner=Owner("bench", "localhost", os.getpid(), "bench"),
+            purpose=Purpose(),
+            ttl=TTL,
+        )
+        result = await self.store.try_acquire(request)
+        return result.lease if isinstance(result, Acquired) else None
+
+    async def release(self, lease: Any) -> None:
+        from deployd.models import Outcome, OutcomeStatus
+
+        await self.store.release(lease, Outcome(OutcomeStatus.RELEASED))
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+
+AnyLock = DaemonLock | TransactionLock | StoreLock
+
+
 # --- (a) uncontended acquire ---
 
 
 async def uncontended(emulator: str, counter: RpcCounter, iterations: int) -> dict[str, Any]:
-    """Time acquires of a free lock by the daemon and by the transaction, interleaved."""
+    """Time acquires of a free lock by the daemon, the store alone and the transactions."""
     namespace = f"uncontended-{secrets.token_hex(4)}"
     with (
         firestore_daemon(emulator, namespace) as direct,
         firestore_daemon(counter.address, f"{namespace}-counted") as counted,
     ):
-        daemon_locks = {"direct": DaemonLock(direct), "counted": DaemonLock(counted)}
         clients = {"direct": emulator_client(emulator), "counted": emulator_client(counter.address)}
-        transaction_locks = {
-            "direct": TransactionLock(clients["direct"], namespace),
-            "counted": TransactionLock(clients["counted"], f"{namespace}-counted"),
-        }
-        recording_locks = {
-            "direct": TransactionLock(clients["direct"], f"{namespace}-record", True),
-            "counted": TransactionLock(clients["counted"], f"{namespace}-record-counted", True),
-        }
+        locks: dict[str, dict[str, AnyLock]] = {"direct": {}, "counted": {}}
         try:
+            for kind, daemon, host in (
+                ("direct", direct, emulator),
+                ("counted", counted, counter.address),
+            ):
+                suffix = "" if kind == "direct" else "-counted"
+                locks[kind]["daemon"] = DaemonLock(daemon)
+                store_lock = StoreLock(host, f"{namespace}-store{suffix}")
+                await store_lock.open()
+                locks[kind]["store_in_process"] = store_lock
+                locks[kind]["transaction"] = TransactionLock(clients[kind], f"{namespace}{suffix}")
+                locks[kind]["transaction_with_record"] = TransactionLock(
+                    clients[kind], f"{namespace}-record{suffix}", True
+                )
+
             cpu_before = cpu_seconds(direct.pid)
-            latencies = await _time_uncontended(
-                daemon_locks["direct"],
-                transaction_locks["direct"],
-                recording_locks["direct"],
-                iterations,
-            )
+            latencies = await _time_uncontended(locks["direct"], iterations)
             daemon_cpu = cpu_seconds(direct.pid) - cpu_before
-            rpcs = await _count_uncontended(
-                daemon_locks["counted"],
-                transaction_locks["counted"],
-                recording_locks["counted"],
-                counter,
-                iterations // 5,
-            )
+            rpcs = await _count_uncontended(locks["counted"], counter, iterations // 5)
             parts = await _time_emulator_parts(clients["direct"], namespace, iterations)
         finally:
-            for lock in daemon_locks.values():
-                lock.close()
+            for by_name in locks.values():
+                for lock in by_name.values():
+                    if isinstance(lock, DaemonLock):
+                        lock.close()
+                    elif isinstance(lock, StoreLock):
+                        await lock.aclose()
             for client in clients.values():
                 await close_client(client)
 
-    daemon_median = summarize(latencies["daemon"])["median"]
-    transaction_median = summarize(latencies["transaction"])["median"]
+    medians = {name: summarize(values)["median"] for name, values in latencies.items()}
     return {
         "iterations": iterations,
         "latency_ms": {name: summarize(values) for name, values in latencies.items()},
         "rpcs_per_acquire": rpcs,
-        "daemon_over_transaction_median": daemon_median / transaction_median,
+        "daemon_over_transaction_median": medians["daemon"] / medians["transaction"],
+        "store_over_transaction_median": medians["store_in_process"] / medians["transaction"],
         # Warm-up and timed acquires, each released again.
         "daemon_cpu_ms_per_acquire_and_release": daemon_cpu
         * 1000
@@ -338,21 +409,11 @@ async def _time_emulator_parts(client: Any, namespace: str, iterations: int) -> 
     return {name: summarize(values) for name, values in times.items()}
 
 
-async def _time_uncontended(
-    daemon_lock: DaemonLock,
-    transaction_lock: TransactionLock,
-    recording_lock: TransactionLock,
-    iterations: int,
-) -> dict[str, list[float]]:
+async def _time_uncontended(locks: dict[str, AnyLock], iterations: int) -> dict[str, list[float]]:
     warmup = UNCONTENDED_WARMUP
-    locks: dict[str, DaemonLock | TransactionLock] = {
-        "daemon": daemon_lock,
-        "transaction": transaction_lock,
-        "transaction_with_record": recording_lock,
-    }
     latencies: dict[str, list[float]] = {name: [] for name in locks}
     for iteration in range(warmup + iterations):
-        # A shuffled order per iteration spreads the machine's busy moments over all three.
+        # A shuffled order per iteration spreads the machine's busy moments over all of them.
         order = list(locks)
         random.shuffle(order)
         for name in order:
@@ -363,7 +424,7 @@ async def _time_uncontended(
 
 
 async def _acquire_and_release(
-    lock: DaemonLock | TransactionLock, counter: RpcCounter | None = None
+    lock: AnyLock, counter: RpcCounter | None = None
 ) -> tuple[float, int]:
     """Acquire the free lock and release it. Return the seconds and the RPCs the acquire took.
 
@@ -380,6 +441,14 @@ async def _acquire_and_release(
             raise BenchError("the daemon found the benchmark's free lock busy")
         lock.release(lease_id)
         return elapsed, after - before
+    if isinstance(lock, StoreLock):
+        lease = await lock.acquire()
+        elapsed = time.perf_counter() - started
+        after = counter.count() if counter is not None else 0
+        if lease is None:
+            raise BenchError("the store found the benchmark's free lock busy")
+        await lock.release(lease)
+        return elapsed, after - before
     holder = secrets.token_hex(4)
     token = await lock.acquire(holder)
     elapsed = time.perf_counter() - started
@@ -391,18 +460,9 @@ async def _acquire_and_release(
 
 
 async def _count_uncontended(
-    daemon_lock: DaemonLock,
-    transaction_lock: TransactionLock,
-    recording_lock: TransactionLock,
-    counter: RpcCounter,
-    runs: int,
+    locks: dict[str, AnyLock], counter: RpcCounter, runs: int
 ) -> dict[str, Any]:
     """Return the RPCs of each acquire, counted by the proxy around the acquire alone."""
-    locks: dict[str, DaemonLock | TransactionLock] = {
-        "daemon": daemon_lock,
-        "transaction": transaction_lock,
-        "transaction_with_record": recording_lock,
-    }
     counts: dict[str, list[int]] = {name: [] for name in locks}
     for _ in range(runs):
         for name, lock in locks.items():
@@ -584,6 +644,263 @@ def end_to_end(emulator: str, iterations: int) -> dict[str, Any]:
     return {"iterations": iterations, "acquire_ms": summarize(times)}
 
 
+# --- (d) a held lock and what it costs ---
+
+# Firestore Standard edition list prices in USD per 100,000 documents, as found
+# on 2026-12-04. NOTE: the per-location table of
+# https://cloud.google.com/firestore/pricing was missing from the copy of that
+# page that could be read, so the multi-region prices come from a copy of an
+# earlier version of Google's page (https://www.twblogs.net/a/5e4f845fbd9eee101e8581aa)
+# and the regional ones from a third-party guide
+# (https://airbyte.com/data-engineering-resources/google-firestore-pricing),
+# which gives no regional price for deletes. Check them against Google's table.
+PRICES_USD_PER_100K: dict[str, dict[str, float | None]] = {
+    "multi-region": {"reads": 0.06, "writes": 0.18, "deletes": 0.02},
+    "US regional": {"reads": 0.03, "writes": 0.09, "deletes": None},
+}
+# The free quota of the (default) database per day, from https://cloud.google.com/firestore/pricing.
+FREE_QUOTA_PER_DAY = {"reads": 50_000, "writes": 20_000, "deletes": 20_000}
+DAYS_PER_MONTH = 30
+# Seconds between two samples of the counting proxy while a lock is held.
+SAMPLE_INTERVAL = 0.5
+# Seconds cut from each end of the waiter's window, so that the per-minute
+# rates of a waiter leave out its enqueue and its last dequeue.
+WAITER_EDGE = 1.0
+
+
+def _difference(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {name: after[name] - before.get(name, 0) for name in after}
+
+
+def _per_minute(counts: dict[str, int], seconds: float) -> dict[str, float]:
+    return {name: value * 60.0 / seconds for name, value in counts.items()}
+
+
+def held_lock(emulator: str, hold_seconds: float, wait_seconds: float) -> dict[str, Any]:
+    """Hold one lock with the daemon's default TTL, then add a waiter; count the store traffic.
+
+    The holder and the waiter are two daemons in one namespace, each reaching
+    the emulator through a counting proxy of its own.
+    """
+    from deployd.config import DEFAULT_TTL, default_renew_every
+
+    namespace = f"held-{secrets.token_hex(4)}"
+    result: dict[str, Any] = {
+        "ttl_seconds": DEFAULT_TTL,
+        "renew_every_seconds": default_renew_every(DEFAULT_TTL),
+    }
+    with (
+        rpc_counter(emulator) as holder_counter,
+        firestore_daemon(holder_counter.address, namespace, ttl=None) as holder,
+    ):
+        lock = DaemonLock(holder)
+        try:
+            before = holder_counter.methods()
+            lease_id = lock.acquire()
+            if lease_id is None:
+                raise BenchError("the holder found the benchmark's free lock busy")
+            granted = holder_counter.methods()
+            result["grant"] = _difference(granted, before)
+
+            result["holding"] = _hold(holder_counter, granted, hold_seconds)
+            if wait_seconds > 0:
+                result["waiter"] = _wait_behind(emulator, namespace, holder_counter, wait_seconds)
+
+            before_release = holder_counter.methods()
+            lock.release(lease_id)
+            result["release"] = _difference(holder_counter.methods(), before_release)
+        finally:
+            lock.close()
+    return result
+
+
+def _hold(counter: RpcCounter, granted: dict[str, int], seconds: float) -> dict[str, Any]:
+    """Keep the lease for ``seconds`` and return the RPCs meanwhile, with the renewal times."""
+    started = time.monotonic()
+    commits = _sample_commits(counter, granted, started + seconds)
+    held_seconds = time.monotonic() - started
+    counts = _difference(counter.methods(), granted)
+    per_minute = _rates(counts, held_seconds, commits)
+    return {
+        "seconds": held_seconds,
+        "rpcs": counts,
+        "commit_seconds_after_grant": [round(when - started, 1) for when, _ in commits],
+        "per_minute": per_minute,
+        "per_hour": {name: value * 60 for name, value in per_minute.items()},
+    }
+
+
+def _sample_commits(
+    counter: RpcCounter, start: dict[str, int], until: float
+) -> list[tuple[float, dict[str, int]]]:
+    """Sample ``counter`` until the monotonic time ``until``; return each sample with new commits.
+
+    Each entry is the time of the sample and the counts at that time.
+    """
+    commits = start["commit"]
+    samples: list[tuple[float, dict[str, int]]] = []
+    while (left := until - time.monotonic()) > 0:
+        time.sleep(min(SAMPLE_INTERVAL, left))
+        current = counter.methods()
+        if current["commit"] > commits:
+            samples.append((time.monotonic(), current))
+            commits = current["commit"]
+    return samples
+
+
+def _rates(
+    counts: dict[str, int], seconds: float, commits: list[tuple[float, dict[str, int]]]
+) -> dict[str, float]:
+    """Return ``counts`` per minute of a window of ``seconds``.
+
+    Commits and writes come every renewal or heartbeat period, so a window
+    that ends between two of them would undercount them. With two or more
+    commits sampled, their rates span whole periods, from the first commit
+    seen to the last.
+    """
+    per_minute = _per_minute(counts, seconds)
+    if len(commits) >= 2:
+        (first_time, first), (last_time, last) = commits[0], commits[-1]
+        periods = _per_minute(_difference(last, first), last_time - first_time)
+        per_minute["commit"] = periods["commit"]
+        per_minute["writes"] = periods["writes"]
+    return per_minute
+
+
+def _wait_behind(
+    emulator: str, namespace: str, holder_counter: RpcCounter, seconds: float
+) -> dict[str, Any]:
+    """Queue a second daemon for the held lock for ``seconds``; return both daemons' RPCs."""
+    from deployd_client.protocol import DaemonError
+
+    outcome: list[BaseException | dict[str, Any]] = []
+    with (
+        rpc_counter(emulator) as counter,
+        firestore_daemon(counter.address, namespace, ttl=None) as daemon,
+    ):
+        waiter = DaemonLock(daemon)
+
+        def wait() -> None:
+            try:
+                result = waiter.connection.request(
+                    "hold", timeout=seconds + REQUEST_TIMEOUT, lock=LOCK, wait=seconds
+                )
+                outcome.append(result)
+            except Exception as exc:  # reported below as the outcome of the wait
+                outcome.append(exc)
+
+        holder_before = holder_counter.methods()
+        before = counter.methods()
+        thread = threading.Thread(target=wait)
+        started = time.monotonic()
+        thread.start()
+        try:
+            time.sleep(WAITER_EDGE)
+            steady_start = counter.methods()
+            commits = _sample_commits(counter, steady_start, started + seconds - WAITER_EDGE)
+            steady_end = counter.methods()
+            steady_seconds = time.monotonic() - started - WAITER_EDGE
+        finally:
+            thread.join(seconds + REQUEST_TIMEOUT)
+            waiter.close()
+        # The daemon removes the waiter's entry from the queue after it answers.
+        time.sleep(WAITER_EDGE)
+        totals = _difference(counter.methods(), before)
+        holder_rpcs = _difference(holder_counter.methods(), holder_before)
+
+    if not outcome or isinstance(outcome[0], dict):
+        raise BenchError(f"the waiter's hold should have timed out, but returned {outcome}")
+    error = outcome[0]
+    if not isinstance(error, DaemonError) or error.code not in ("wait_timeout", "lock_busy"):
+        raise BenchError(f"the waiter's hold failed: {type(error).__name__}: {error}")
+    steady = _difference(steady_end, steady_start)
+    return {
+        "seconds": seconds,
+        "answer": error.code,
+        "rpcs": totals,
+        "holder_rpcs_meanwhile": holder_rpcs,
+        "steady_seconds": steady_seconds,
+        "steady_rpcs": steady,
+        "commit_seconds_after_request": [round(when - started, 1) for when, _ in commits],
+        "per_minute": _rates(steady, steady_seconds, commits),
+    }
+
+
+def cost_estimate(
+    measured: dict[str, Any], deploys_per_day: int, minutes_held: float, minutes_waiting: float
+) -> dict[str, Any]:
+    """Turn the measured traffic of a held lock into operations and list-price costs.
+
+    A deploy takes the lock once, holds it ``minutes_held`` and releases it.
+    Its writes are the grant's, the renewals of ``minutes_held`` at the
+    measured rate, and the release's. Its reads are the documents that the
+    grant and the release requested. Every requested document counts as a
+    billed read, also one that does not exist. A second scenario adds
+    ``minutes_waiting`` in the queue behind another daemon to every deploy,
+    at the measured rates of the waiter. Nothing here deletes documents.
+    """
+    holding = measured["holding"]["per_minute"]
+    per_deploy = {
+        "writes": measured["grant"]["writes"]
+        + holding["writes"] * minutes_held
+        + measured["release"]["writes"],
+        "reads": measured["grant"]["documents_read"]
+        + holding["documents_read"] * minutes_held
+        + measured["release"]["documents_read"],
+        "deletes": 0.0,
+    }
+    scenarios = {"holding only": per_deploy}
+    if "waiter" in measured:
+        waiting = measured["waiter"]["per_minute"]
+        scenarios[f"holding, after {minutes_waiting:g} min in the queue"] = {
+            "writes": per_deploy["writes"] + waiting["writes"] * minutes_waiting,
+            "reads": per_deploy["reads"] + waiting["documents_read"] * minutes_waiting,
+            "deletes": 0.0,
+        }
+    return {
+        "deploys_per_day": deploys_per_day,
+        "minutes_held_per_deploy": minutes_held,
+        "minutes_waiting_per_deploy": minutes_waiting,
+        "days_per_month": DAYS_PER_MONTH,
+        "free_quota_per_day": FREE_QUOTA_PER_DAY,
+        "prices_usd_per_100k": PRICES_USD_PER_100K,
+        "scenarios": {
+            name: _scenario_cost(operations, deploys_per_day)
+            for name, operations in scenarios.items()
+        },
+    }
+
+
+def _scenario_cost(per_deploy: dict[str, float], deploys_per_day: int) -> dict[str, Any]:
+    per_day = {name: value * deploys_per_day for name, value in per_deploy.items()}
+    billed_per_day = {
+        name: max(0.0, value - FREE_QUOTA_PER_DAY[name]) for name, value in per_day.items()
+    }
+    costs: dict[str, dict[str, float | None]] = {}
+    for location, prices in PRICES_USD_PER_100K.items():
+        for label, counts in (
+            ("without free quota", per_day),
+            ("after free quota", billed_per_day),
+        ):
+            total: float | None = 0.0
+            for name, count in counts.items():
+                price = prices[name]
+                if count and price is None:
+                    total = None
+                elif total is not None and price is not None:
+                    total += count / 100_000 * price * DAYS_PER_MONTH
+            costs.setdefault(location, {})[label] = total
+    return {
+        "per_deploy": per_deploy,
+        "per_day": per_day,
+        "per_month": {name: value * DAYS_PER_MONTH for name, value in per_day.items()},
+        "share_of_free_quota_per_day": {
+            name: value / FREE_QUOTA_PER_DAY[name] for name, value in per_day.items()
+        },
+        "usd_per_month": costs,
+    }
+
+
 # --- main ---
 
 
@@ -600,7 +917,40 @@ def main() -> int:
     )
     parser.add_argument("--contenders", type=int, default=20, help="contenders per round in (b)")
     parser.add_argument("--rounds", type=int, default=30, help="rounds per approach in (b)")
+    parser.add_argument(
+        "--hold-seconds",
+        type=float,
+        default=65.0,
+        help="seconds that (d) holds one lock with the default TTL of 30 s, which renews "
+        "every 10 s; 0 skips (d)",
+    )
+    parser.add_argument(
+        "--wait-seconds",
+        type=float,
+        default=30.0,
+        help="seconds that a second daemon waits for the held lock in (d); 0 skips the waiter",
+    )
+    parser.add_argument(
+        "--deploys-per-day", type=int, default=100, help="deploys per day in the cost estimate"
+    )
+    parser.add_argument(
+        "--minutes-held",
+        type=float,
+        default=10.0,
+        help="minutes that a deploy holds the lock in the cost estimate",
+    )
+    parser.add_argument(
+        "--minutes-waiting",
+        type=float,
+        default=5.0,
+        help="minutes that each deploy waits in the queue in the second scenario of the cost "
+        "estimate",
+    )
     args = parser.parse_args()
+    if args.hold_seconds < 0 or args.wait_seconds < 0:
+        raise BenchError("--hold-seconds and --wait-seconds must not be negative")
+    if 0 < args.wait_seconds <= 2 * WAITER_EDGE:
+        raise BenchError(f"--wait-seconds must be 0 or more than {2 * WAITER_EDGE:g}")
     check_installed_client()
     if not args.emulator_host:
         raise BenchError(
@@ -619,6 +969,16 @@ def main() -> int:
         contention_result = asyncio.run(contention(counter, args.contenders, args.rounds))
     print("== (c) deployd acquire, end to end", flush=True)
     end_to_end_result = end_to_end(args.emulator_host, args.iterations)
+    held_sections: dict[str, Any] = {}
+    if args.hold_seconds > 0:
+        print(f"== (d) a lock held for {args.hold_seconds:g} s, then a waiter", flush=True)
+        held_result = held_lock(args.emulator_host, args.hold_seconds, args.wait_seconds)
+        held_sections = {
+            "held_lock": held_result,
+            "cost": cost_estimate(
+                held_result, args.deploys_per_day, args.minutes_held, args.minutes_waiting
+            ),
+        }
 
     path = write_result(
         "firestore",
@@ -629,6 +989,7 @@ def main() -> int:
             "uncontended": uncontended_result,
             "contention": contention_result,
             "end_to_end": end_to_end_result,
+            **held_sections,
         },
     )
     print(json.dumps(read_back(path), indent=2))

@@ -3,7 +3,8 @@
 The documents and their fields are described in ``firestore_documents``.
 
 Every change is one write with a precondition, or one atomic batch of such
-writes, never a read-modify-write transaction. A grant reads the lock and
+writes, never a read-modify-write transaction. The writes of grants,
+renewals and releases are built by ``firestore_writes``. A grant reads the lock and
 queue documents in one call. It then commits one batch, which creates the lock
 document or updates it on the precondition of the update time it was read at,
 removes the caller's waiter entry and writes the deployment records. The
@@ -96,14 +97,16 @@ from deployd.stores.firestore_documents import (
     waiter_path,
     written_timestamp,
 )
+from deployd.stores.firestore_writes import create_write, merge_write, update_write
 from deployd.stores.sqlite import decide_grant, freeze_passed_detail
 
 if TYPE_CHECKING:
+    from google.cloud.firestore_v1.async_batch import AsyncWriteBatch
     from google.cloud.firestore_v1.async_collection import AsyncCollectionReference
     from google.cloud.firestore_v1.async_document import AsyncDocumentReference
     from google.cloud.firestore_v1.async_query import AsyncQuery
     from google.cloud.firestore_v1.base_document import DocumentSnapshot
-    from google.cloud.firestore_v1.types import WriteResult
+    from google.cloud.firestore_v1.types import Write, WriteResult
 
     from deployd.config import Config
 
@@ -319,17 +322,16 @@ class FirestoreStore(LeaseStore):
             reason = request.force_reason or "no reason given"
             fields.update(forced_fields(forced_by, reason, token, request.acquisition_id))
 
-        lock_reference = self._lock_reference(request.lock)
+        lock_path = _document_path(self._lock_reference(request.lock))
         if read.lock.version is None:
-            batch.create(lock_reference, {**fields, "token": token})
+            lock_write = create_write(lock_path, {**fields, "token": token})
         else:
             # The precondition guarantees that the stored token is still
             # read.lock.token, so the increment makes it ``token``.
-            batch.update(
-                lock_reference,
-                {**fields, "token": Increment(1)},
-                option=self._precondition(read.lock.version),
+            lock_write = update_write(
+                lock_path, {**fields, "token": Increment(1)}, read.lock.version
             )
+        _add_writes(batch, lock_write)
 
         entry = read.queue.entry(request.waiter_id) if request.waiter_id is not None else None
         if entry is not None:
@@ -341,14 +343,20 @@ class FirestoreStore(LeaseStore):
         if replaced is not None:
             # Unlike update(), a merging set succeeds when the record is missing,
             # so a deleted record cannot make every takeover of the lock fail.
-            batch.set(
-                self._deployment_reference(replaced.lock, replaced.token),
-                replaced_record_fields(request, takeover),
-                merge=True,
+            replaced_record = self._deployment_reference(replaced.lock, replaced.token)
+            _add_writes(
+                batch,
+                merge_write(
+                    _document_path(replaced_record), replaced_record_fields(request, takeover)
+                ),
             )
-        batch.create(
-            self._deployment_reference(request.lock, token),
-            new_record_fields(request, token, takeover, freeze_passed_detail(read.frozen, request)),
+        record = self._deployment_reference(request.lock, token)
+        detail = freeze_passed_detail(read.frozen, request)
+        _add_writes(
+            batch,
+            create_write(
+                _document_path(record), new_record_fields(request, token, takeover, detail)
+            ),
         )
 
         with self._rpc(deadline) as options:
@@ -402,12 +410,11 @@ class FirestoreStore(LeaseStore):
     async def _write_renewal(
         self, lease: Lease, version: str, renewal_id: str, deadline: float
     ) -> Lease:
+        batch = self._require_client("renew").batch()
+        lock_path = _document_path(self._lock_reference(lease.lock))
+        _add_writes(batch, update_write(lock_path, renewal_fields(lease.ttl, renewal_id), version))
         with self._rpc(deadline) as options:
-            result = await self._lock_reference(lease.lock).update(
-                renewal_fields(lease.ttl, renewal_id),
-                option=self._precondition(version),
-                **options,
-            )
+            (result,) = await batch.commit(**options)
 
         self._note_server_time(result.update_time)
         renewed = dataclasses.replace(
@@ -456,15 +463,12 @@ class FirestoreStore(LeaseStore):
         self, lease: Lease, outcome: Outcome, version: str, release_id: str, deadline: float
     ) -> None:
         batch = self._require_client("release").batch()
-        batch.update(
-            self._lock_reference(lease.lock),
-            released_fields(),
-            option=self._precondition(version),
-        )
-        batch.set(
-            self._deployment_reference(lease.lock, lease.token),
-            finished_record_fields(outcome, lease.holder, release_id),
-            merge=True,
+        lock_path = _document_path(self._lock_reference(lease.lock))
+        record_path = _document_path(self._deployment_reference(lease.lock, lease.token))
+        _add_writes(
+            batch,
+            update_write(lock_path, released_fields(), version),
+            merge_write(record_path, finished_record_fields(outcome, lease.holder, release_id)),
         )
 
         with self._rpc(deadline) as options:
@@ -1080,6 +1084,22 @@ class _ReconnectingClient(AsyncClient):
             )
             client_module._client_info = self._client_info
         return self._firestore_api_internal
+
+
+def _document_path(reference: AsyncDocumentReference) -> str:
+    """Return the full resource name of a document, as a Write names it."""
+    # NOTE: google-cloud-firestore 2.34 has no public property for the name
+    # ("projects/P/databases/D/documents/PATH"), so this reads the private
+    # one that the library's own writes use.
+    path: str = reference._document_path
+    return path
+
+
+def _add_writes(batch: AsyncWriteBatch, *writes: Write) -> None:
+    """Add writes built by firestore_writes to ``batch``, after those it already has."""
+    # NOTE: _add_write_pbs is the private method through which the batch's own
+    # create(), update() and set() add their writes in google-cloud-firestore 2.34.
+    batch._add_write_pbs(list(writes))
 
 
 async def _close_client(client: AsyncClient) -> None:
