@@ -177,6 +177,7 @@ def test_unreachable_store_follows_policy(
         lambda: open_station.deployd("acquire", "api", "--pid", pid, "--format", "json")
     )
     refused, refused_took = _timed(lambda: closed_station.deployd("acquire", "api", "--pid", pid))
+    status_text = open_station.deployd("status").stdout
     private_emulator.start()
     granted = [
         station.deployd("acquire", lock, "--pid", pid, "--format", "json")
@@ -187,6 +188,8 @@ def test_unreachable_store_follows_policy(
     assert UNLOCKED_WARNING in unlocked.stderr
     assert json.loads(unlocked.stdout)["degraded"] is True
     assert unlocked_took < ANSWER_BOUND
+    assert "UNLOCKED api: session " in status_text
+    assert "deploys WITHOUT the team-wide lock" in status_text
     assert refused.returncode == 69, refused.stderr
     assert "failed try_acquire of lock 'api'" in refused.stderr
     assert refused_took < ANSWER_BOUND

@@ -350,3 +350,34 @@ def test_wait_timeout_prints_one_line_on_pipes(
     start_line, error_line = result.stderr.splitlines()
     assert start_line.startswith("deployd: waiting for api: held by "), result.stderr
     assert error_line.startswith("deployd: gave up waiting for api after 1s (held by ")
+
+
+def test_sizeless_terminal_shows_whole_line(
+    workstation: Workstation, start: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    """A terminal that reports 0 columns (script, docker exec -t) gets 80, not a cut line."""
+    start(workstation)
+    holder = ShellHolder(workstation, tmp_path / "holder", "api")
+    process = None
+    reader = None
+    try:
+        holder.lease()
+        process, controller = terminal_command(
+            [*DEPLOYD, "run", "api", "--wait", "2s", "--", "true"], workstation.env(), columns=0
+        )
+        reader = TerminalOutput(controller)
+        reader.start()
+        assert process.wait(30) == 75, reader.text()
+        reader.join(10)
+        output = reader.text()
+    finally:
+        holder.kill()
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(10)
+        if reader is not None:
+            os.close(reader.controller)
+
+    drawn = [line for line in output.split(REDRAW) if line.startswith("deployd: waiting")]
+    assert drawn, output
+    assert all(len(line) >= 70 for line in drawn), drawn

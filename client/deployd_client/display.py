@@ -224,7 +224,9 @@ class WaitDisplay:
         try:
             width = os.get_terminal_size(self.stream.fileno()).columns
         except (OSError, ValueError):
-            width = 80
+            width = 0
+        # Terminals without a size (script, docker exec -t) report 0 columns.
+        width = width or 80
         if len(text) >= width:
             text = text[: max(10, width - 2)] + "…"
         self._write(f"\r\x1b[K{text}")
@@ -288,6 +290,9 @@ def last_error_lines(health: dict[str, Any], indent: str) -> list[str]:
 def status_text(status: dict[str, Any], color: bool = False) -> str:
     """Render the result of the ``status`` op: daemon, store, freezes, locks, queues, deploys."""
     lines = _daemon_lines(status, color)
+    for lease in status.get("leases") or []:
+        if lease.get("degraded"):
+            lines.append(paint(_unlocked_line(lease), "red", color))
     for freeze in status.get("freezes") or []:
         lines.append(paint(f"frozen   {describe_freeze(freeze)}", "cyan", color))
     lines.append("")
@@ -306,6 +311,15 @@ def status_text(status: dict[str, Any], color: bool = False) -> str:
         lines += ["", "latest deploys"]
         lines.append(history_text({"deployments": latest}, color))
     return "\n".join(lines)
+
+
+def _unlocked_line(lease: dict[str, Any]) -> str:
+    """Describe a lease granted without the store's lock, which the lock table cannot show."""
+    return (
+        f"UNLOCKED {lease.get('lock')}: session {lease.get('session_id')} deploys WITHOUT the "
+        "team-wide lock (the store is unreachable); the daemon takes the real lock when "
+        "the store is back and reports any overlap"
+    )
 
 
 def _daemon_lines(status: dict[str, Any], color: bool) -> list[str]:
