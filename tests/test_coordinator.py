@@ -13,6 +13,8 @@ from deployd.coordinator import (
     Ended,
     Enqueue,
     Grant,
+    Handoff,
+    HeldLease,
     Lost,
     Position,
     Refuse,
@@ -24,6 +26,7 @@ from deployd.errors import LeaseLost, LockBusy, StoreUnavailable, WaitTimedOut
 from deployd.models import (
     Acquired,
     Busy,
+    Freeze,
     Lease,
     LockState,
     Outcome,
@@ -38,12 +41,15 @@ OWNER = Owner("ana", "build-7", 100, "daemon-a")
 
 
 class Harness:
-    """A coordinator with a numbered ticket factory and a fake store's tokens."""
+    """A coordinator with a numbered ticket factory and a fake store's tokens.
 
-    def __init__(self) -> None:
+    ``handoff`` builds the coordinator for a store that releases and grants in one change.
+    """
+
+    def __init__(self, handoff: bool = False) -> None:
         ids = itertools.count(1)
         self.coordinator = Coordinator(
-            poll_interval=0.5, new_acquisition_id=lambda: f"acq{next(ids)}"
+            poll_interval=0.5, new_acquisition_id=lambda: f"acq{next(ids)}", handoff=handoff
         )
         self.tokens = itertools.count(1)
 
@@ -356,3 +362,168 @@ def test_locks_are_independent() -> None:
     harness.grant(first, now=0.0)
     actions = harness.coordinator.submit(harness.ticket("web"), now=0.0)
     assert only(actions, Attempt)
+
+
+# --- release that hands the lock to the next caller in the same store call ---
+
+
+def held_with_waiter(harness: Harness) -> tuple[HeldLease, Ticket]:
+    """Grant the lock to a first caller and queue a second one, who waits."""
+    (attempt,) = harness.coordinator.submit(harness.ticket(), now=0.0)
+    held = only(harness.grant(attempt, now=0.0), Grant)[0].held
+    waiter = harness.ticket(wait=60.0, now=1.0)
+    harness.coordinator.submit(waiter, now=1.0)
+    return held, waiter
+
+
+def release_with_handoff(harness: Harness, held: HeldLease, now: float) -> Handoff:
+    actions = harness.coordinator.release(held.lease_id, Outcome.from_exit_code(0), now)
+    (handoff,) = only(actions, Handoff)
+    return handoff
+
+
+def test_handoff_release_tries_next_caller() -> None:
+    harness = Harness(handoff=True)
+    held, waiter = held_with_waiter(harness)
+
+    actions = harness.coordinator.release(held.lease_id, Outcome.from_exit_code(0), now=2.0)
+
+    (handoff,) = only(actions, Handoff)
+    assert handoff.held is held
+    assert handoff.outcome.status is OutcomeStatus.SUCCEEDED
+    assert handoff.attempt.ticket is waiter
+    assert handoff.attempt.request.holder == waiter.session_id
+    assert only(actions, Ended)
+    assert not only(actions, Release), "the hand-off releases the lease itself"
+    assert not only(actions, Attempt), "the hand-off carries the next caller's attempt"
+
+
+def test_handoff_grant_answers_next_caller() -> None:
+    harness = Harness(handoff=True)
+    held, waiter = held_with_waiter(harness)
+    handoff = release_with_handoff(harness, held, now=2.0)
+
+    result = Acquired(harness.lease_for(handoff.attempt), Takeover.FREE)
+    actions = harness.coordinator.handoff_done(waiter, result, sent_at=2.0, now=2.5)
+
+    (grant,) = only(actions, Grant)
+    assert grant.ticket is waiter
+    assert grant.held.waited == 1.5
+    assert grant.held.confirmed_at == 2.0
+    assert harness.coordinator.holder_of("api") is grant.held
+    assert harness.coordinator.queue("api") == []
+
+
+def test_handoff_without_waiter_releases() -> None:
+    harness = Harness(handoff=True)
+    (attempt,) = harness.coordinator.submit(harness.ticket(), now=0.0)
+    held = only(harness.grant(attempt, now=0.0), Grant)[0].held
+
+    actions = harness.coordinator.release(held.lease_id, Outcome.from_exit_code(0), now=2.0)
+
+    assert only(actions, Release)
+    assert not only(actions, Handoff)
+
+
+def test_handoff_keeps_queue_order() -> None:
+    harness = Harness(handoff=True)
+    (attempt,) = harness.coordinator.submit(harness.ticket(), now=0.0)
+    current = only(harness.grant(attempt, now=0.0), Grant)[0].held
+    waiters = [harness.ticket(wait=600.0, now=float(i)) for i in range(1, 6)]
+    for waiter in waiters:
+        harness.coordinator.submit(waiter, now=waiter.arrived_at)
+
+    served = []
+    for step in range(len(waiters)):
+        now = 10.0 + step
+        handoff = release_with_handoff(harness, current, now)
+        served.append(handoff.attempt.ticket)
+        result = Acquired(harness.lease_for(handoff.attempt), Takeover.FREE)
+        actions = harness.coordinator.handoff_done(handoff.attempt.ticket, result, now, now)
+        current = only(actions, Grant)[0].held
+
+    assert served == waiters
+
+
+def test_handoff_store_error_retries_next_caller() -> None:
+    """The store made neither change, so the next caller tries the store again at once."""
+    harness = Harness(handoff=True)
+    held, waiter = held_with_waiter(harness)
+    release_with_handoff(harness, held, now=2.0)
+
+    actions = harness.coordinator.handoff_done(
+        waiter, StoreUnavailable("no reply within 2s"), sent_at=2.0, now=4.0
+    )
+
+    (attempt,) = only(actions, Attempt)
+    assert attempt.ticket is waiter
+    assert not only(actions, Grant)
+    assert not only(actions, Refuse)
+
+
+def test_handoff_store_error_grants_no_unlocked_lease() -> None:
+    """The released lease may still be in the store, so policy "open" does not step past it."""
+    harness = Harness(handoff=True)
+    harness.coordinator.on_store_error = "open"
+    held, waiter = held_with_waiter(harness)
+    release_with_handoff(harness, held, now=2.0)
+
+    actions = harness.coordinator.handoff_done(
+        waiter, StoreUnavailable("no reply within 2s"), sent_at=2.0, now=4.0
+    )
+
+    assert not only(actions, Grant)
+    assert only(actions, Attempt)
+
+
+def test_handoff_to_departed_caller_passes_lock_on() -> None:
+    harness = Harness(handoff=True)
+    held, waiter = held_with_waiter(harness)
+    third = harness.ticket(wait=60.0, now=1.5)
+    harness.coordinator.submit(third, now=1.5)
+    handoff = release_with_handoff(harness, held, now=2.0)
+    assert harness.coordinator.cancel(waiter.id, now=2.1) == []
+
+    result = Acquired(harness.lease_for(handoff.attempt), Takeover.FREE)
+    actions = harness.coordinator.handoff_done(waiter, result, sent_at=2.0, now=2.2)
+
+    assert not only(actions, Grant)
+    (next_handoff,) = only(actions, Handoff)
+    assert next_handoff.attempt.ticket is third
+    assert next_handoff.outcome.status is OutcomeStatus.ABANDONED
+    assert next_handoff.held.lease.holder == waiter.session_id
+
+
+def test_handoff_to_frozen_lock_keeps_caller_waiting() -> None:
+    harness = Harness(handoff=True)
+    held, waiter = held_with_waiter(harness)
+    release_with_handoff(harness, held, now=2.0)
+    freeze = Freeze("api", "release freeze", "ana@build-7", 1_700_000_000.0)
+
+    busy = Busy(LockState("api", 1, None, frozen=freeze))
+    actions = harness.coordinator.handoff_done(waiter, busy, sent_at=2.0, now=2.1)
+
+    assert not only(actions, Grant)
+    (position,) = only(actions, Position)
+    assert position.frozen == freeze
+    assert harness.coordinator.queue("api") == [waiter]
+    assert harness.coordinator.next_deadline() == 2.1 + 0.5
+
+
+def test_handoff_skips_lease_without_store_lock() -> None:
+    """A lease that ran without the store's lock has nothing to release there."""
+    harness = Harness(handoff=True)
+    harness.coordinator.on_store_error = "open"
+    (attempt,) = harness.coordinator.submit(harness.ticket(), now=0.0)
+    actions = harness.coordinator.attempt_done(
+        attempt.ticket, StoreUnavailable("no reply within 2s"), sent_at=0.0, now=2.0
+    )
+    held = only(actions, Grant)[0].held
+    waiter = harness.ticket(wait=60.0, now=3.0)
+    harness.coordinator.submit(waiter, now=3.0)
+
+    actions = harness.coordinator.release(held.lease_id, Outcome.from_exit_code(0), now=4.0)
+
+    assert not only(actions, Handoff)
+    (next_attempt,) = only(actions, Attempt)
+    assert next_attempt.ticket is waiter

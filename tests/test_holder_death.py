@@ -319,3 +319,29 @@ def test_killed_waiter_leaves_queue(
         holder.kill()
         for waiter in waiters:
             stop_client(waiter)
+
+
+def test_process_bound_again_frees_lock_at_exit(
+    long_ttl_workstation: Workstation, start: Callable[..., DaemonProcess]
+) -> None:
+    """A process that takes a second lease after releasing its first is still watched."""
+    workstation = long_ttl_workstation
+    start(workstation)
+    sleeper = subprocess.Popen(["sleep", "600"])
+    try:
+        first = workstation.request("acquire", lock="api", pid=sleeper.pid)
+        assert first["ok"], first
+        released = workstation.request("release", lease_id=first["result"]["lease_id"])
+        assert released["ok"], released
+        second = workstation.request("acquire", lock="api", pid=sleeper.pid)
+        assert second["ok"], second
+
+        sleeper.kill()
+        sleeper.wait(10)
+        wait_until(lambda: lease_on(workstation, "api") is None)
+
+        session = second["result"]["session_id"]
+        assert deployment(workstation, session)["outcome"] == "abandoned"
+        assert second["result"]["token"] == first["result"]["token"] + 1
+    finally:
+        terminate(sleeper)

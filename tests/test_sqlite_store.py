@@ -494,3 +494,25 @@ async def test_expired_waiter_rows_are_deleted(
     finally:
         connection.close()
     assert rows == [("cara-wait",)]
+
+
+async def test_release_and_acquire_is_one_transaction(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grant that fails undoes the release made in the same call."""
+    lease = await expect_grant(store, ANA)
+
+    def fail_grant(db: sqlite3.Connection, request: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store, "_try_acquire_in", fail_grant)
+    with pytest.raises(StoreUnavailable):
+        await store.release_and_acquire(
+            lease, Outcome.from_exit_code(0), make_request(session_id("ben"))
+        )
+
+    state = await store.inspect("api")
+    assert state.lease is not None
+    assert state.lease.holder == ANA
+    [record] = await store.history("api")
+    assert record.finished_at is None

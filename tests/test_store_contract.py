@@ -413,6 +413,71 @@ async def test_release_untaken_expired_lease(store: LeaseStore, clock: FakeClock
     assert (await store.inspect("api")).lease is None
 
 
+# --- release together with the next grant ---
+
+
+async def test_release_and_acquire_passes_lock_on(store: LeaseStore) -> None:
+    lease = await expect_grant(store, ANA)
+
+    released, result = await store.release_and_acquire(
+        lease, Outcome.from_exit_code(0), make_request(BEN)
+    )
+
+    assert released is True
+    assert isinstance(result, Acquired)
+    assert result.lease.holder == BEN
+    assert result.lease.token == lease.token + 1
+    assert result.takeover is Takeover.FREE
+    assert result.previous is None
+    history = await store.history("api")
+    assert [record.session_id for record in history] == [BEN, ANA]
+    assert history[0].finished_at is None
+    assert history[1].outcome == "succeeded"
+
+
+async def test_release_and_acquire_serves_store_queue_first(store: LeaseStore) -> None:
+    lease = await expect_grant(store, ANA)
+    await store.enqueue("api", "cara-wait", owner_of(CARA), Purpose(), TTL)
+
+    released, result = await store.release_and_acquire(
+        lease, Outcome.from_exit_code(0), make_request(BEN)
+    )
+
+    assert released is True
+    assert isinstance(result, Busy)
+    assert result.queued_ahead == 1
+    assert result.state.lease is None
+
+
+async def test_release_and_acquire_leaves_new_holder(store: LeaseStore, clock: FakeClock) -> None:
+    lease = await expect_grant(store, ANA)
+    clock.advance(TTL + 1)
+    await expect_grant(store, CARA)
+
+    released, result = await store.release_and_acquire(
+        lease, Outcome.from_exit_code(0), make_request(BEN)
+    )
+
+    assert released is False
+    assert isinstance(result, Busy)
+    assert result.state.lease is not None
+    assert result.state.lease.holder == CARA
+
+
+async def test_release_and_acquire_respects_freeze(store: LeaseStore) -> None:
+    lease = await expect_grant(store, ANA)
+    await store.freeze("api", "release freeze", owner_of(CARA), None)
+
+    released, result = await store.release_and_acquire(
+        lease, Outcome.from_exit_code(0), make_request(BEN)
+    )
+
+    assert released is True
+    assert isinstance(result, Busy)
+    assert result.state.frozen is not None
+    assert (await store.inspect("api")).lease is None
+
+
 # --- takeovers ---
 
 

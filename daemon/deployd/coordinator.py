@@ -45,6 +45,7 @@ from deployd.models import (
     Purpose,
     Takeover,
 )
+from deployd_client.display import clock_time
 from deployd_client.durations import format_duration
 
 # How long a caller that is not waiting keeps retrying a store error before it
@@ -188,6 +189,20 @@ class Release:
 
 
 @dataclass(frozen=True, slots=True)
+class Handoff:
+    """Call ``store.release_and_acquire`` with the lease and the next caller's attempt.
+
+    Then call ``handoff_done``. The store releases ``held`` and tries
+    ``attempt.request`` in one change, so the next caller in line is served
+    without a second store call.
+    """
+
+    held: HeldLease
+    outcome: Outcome
+    attempt: Attempt
+
+
+@dataclass(frozen=True, slots=True)
 class Renewed:
     """A renewal succeeded; tell the holder's connections, which watch for confirmations."""
 
@@ -278,6 +293,7 @@ Action = (
     | Dequeue
     | Renew
     | Release
+    | Handoff
     | Grant
     | Refuse
     | Position
@@ -310,7 +326,11 @@ class Coordinator:
     when the store cannot be reached at acquire: "closed" refuses, "open"
     grants a lease that serializes this daemon's callers only and keeps
     trying to take the real lease. ``wall`` is the wall clock, for the times
-    shown to people.
+    shown to people. With ``handoff``, a release with a caller of this
+    daemon next in line becomes one store call that releases the lease and
+    tries the next caller's grant (a Handoff action), instead of a Release
+    followed by an Attempt. Set it only for a store whose
+    ``release_and_acquire`` is one atomic change.
     """
 
     def __init__(
@@ -319,11 +339,13 @@ class Coordinator:
         new_acquisition_id: Callable[[], str],
         on_store_error: str = "closed",
         wall: Callable[[], float] = time.time,
+        handoff: bool = False,
     ) -> None:
         self._poll_interval = poll_interval
         self._new_acquisition_id = new_acquisition_id
         self.on_store_error = on_store_error
         self._wall = wall
+        self._handoff = handoff
         self._slots: dict[str, _Slot] = {}
         self._leases: dict[str, HeldLease] = {}
         self._tickets: dict[int, Ticket] = {}
@@ -499,6 +521,24 @@ class Coordinator:
         """Serve the next caller in line once the store has released the lock."""
         slot = self._slot(lock)
         slot.releasing = False
+        return self._serve_next(slot, now)
+
+    def handoff_done(
+        self, ticket: Ticket, result: Acquired | Busy | StoreError, sent_at: float, now: float
+    ) -> list[Action]:
+        """Apply the result of a Handoff to the next caller's attempt, as ``attempt_done`` does.
+
+        A StoreError means that the store made neither change: the released
+        lease stays in the store until its TTL runs out, as after a failed
+        Release, and the next caller tries the store again at once.
+        """
+        slot = self._slot(ticket.lock)
+        slot.releasing = False
+        if not isinstance(result, StoreError):
+            return self.attempt_done(ticket, result, sent_at, now)
+        ticket.attempt_in_flight = False
+        if ticket.cancelled:
+            return self._drop_ticket(ticket, now)
         return self._serve_next(slot, now)
 
     # --- time ---
@@ -809,6 +849,9 @@ class Coordinator:
             actions: list[Action] = [Ended(held, outcome), RecordUnlocked(held, outcome)]
             return actions + self._serve_next(slot, now)
         slot.releasing = True
+        head = slot.queue[0] if slot.queue else None
+        if self._handoff and head is not None and not head.attempt_in_flight:
+            return [Ended(held, outcome), Handoff(held, outcome, self._attempt(head, now))]
         return [Ended(held, outcome), Release(held, outcome)]
 
     def _lose(
@@ -898,7 +941,7 @@ def _describe(lease: Lease) -> str:
 
 def busy_message(lock: str, lease: Lease) -> str:
     """Return the one-line message for a held lock: holder, host, since when, commit, reason."""
-    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(lease.acquired_at))
+    since = clock_time(lease.acquired_at)
     held_for = format_duration(max(0.0, time.time() - lease.acquired_at))
     details = [f"session {lease.holder}"]
     if lease.purpose.commit:
@@ -923,10 +966,6 @@ def frozen_message(lock: str, freeze: Freeze) -> str:
 def describe_freeze(lock: str, freeze: Freeze) -> str:
     """Describe the freeze that stops ``lock``: scope, who, since, until and why."""
     what = "all locks are" if freeze.scope == ALL_LOCKS else f"{lock} is"
-    since = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(freeze.at))
-    until = (
-        f" until {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(freeze.until))}"
-        if freeze.until is not None
-        else ""
-    )
+    since = clock_time(freeze.at)
+    until = f" until {clock_time(freeze.until)}" if freeze.until is not None else ""
     return f"{what} frozen by {freeze.by} since {since}{until}: {freeze.reason!r}"

@@ -96,7 +96,7 @@ class Params:
         limit = MAX_TEXT.get(name)
         if limit is not None and len(value) > limit:
             raise InvalidArgument(f"{name} is {len(value)} characters long; the maximum is {limit}")
-        if any(_is_control(char) for char in value):
+        if _CONTROL_CHARACTER.search(value):
             raise InvalidArgument(
                 f"{name} {value!r} contains control characters or text-direction marks; "
                 "use one plain line"
@@ -239,8 +239,10 @@ class Ops:
         pid = params.integer("pid", minimum=1)
         force = params.flag("force")
         force_reason = params.text("force_reason")
-        if force and not force_reason:
-            raise InvalidArgument("force needs a force_reason saying why the lock is taken")
+        if force and not (force_reason or "").strip():
+            raise InvalidArgument(
+                "force needs a force_reason that is not blank, saying why the lock is taken"
+            )
         if pid is None and kind == "process":
             peer_pid = connection.peer_pid
             pid = parent_pid(peer_pid) if peer_pid else None
@@ -370,7 +372,7 @@ class Ops:
         key = binding.key if binding is not None else None
         return {
             "schema": LEASE_SCHEMA,
-            "lease": held.lease.to_json(),
+            "lease": self.service.lease_json(held.lease),
             "lease_id": f"{held.lease_id}{LEASE_KEY_SEPARATOR}{key}" if key else held.lease_id,
             "session_id": held.lease_id,
             "lock": held.lock,
@@ -553,8 +555,10 @@ class Ops:
         params = Params(request)
         lock = params.lock()
         reason = params.text("reason")
-        if not reason:
-            raise InvalidArgument("force_unlock needs a reason saying why the lock is taken away")
+        if not reason or not reason.strip():
+            raise InvalidArgument(
+                "force_unlock needs a reason that is not blank, saying why the lock is taken away"
+            )
         by = Owner(user_of(connection), self.host, connection.peer_pid, self.info.daemon_id)
         try:
             before = await self.service.force_unlock(lock, by, reason)
@@ -614,6 +618,8 @@ def split_lease_id(text: str) -> tuple[str, str | None]:
 # Characters that change how text around them is shown: bidirectional
 # embeddings, overrides and isolates (Unicode UAX #9).
 _TEXT_DIRECTION = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Every character for which _is_control is true, as one class that checks a whole string.
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f" + "".join(sorted(_TEXT_DIRECTION)) + "]")
 
 
 def _is_control(char: str) -> bool:

@@ -69,6 +69,7 @@ class Connection:
         number: int,
     ) -> None:
         self.stream = stream
+        self._socket: socket.socket = stream.extra(SocketAttribute.raw_socket)
         self.peer = peer
         self.limits = limits
         self.number = number
@@ -78,8 +79,10 @@ class Connection:
         self.wait_scopes: set[anyio.CancelScope] = set()
         self.scope: anyio.CancelScope | None = None
         self._outbox_send, self._outbox_receive = anyio.create_memory_object_stream[bytes](math.inf)
+        # Messages queued in the outbox or being sent by send_loop. While there
+        # are none, push() writes to the socket itself, which saves a task switch.
+        self._unsent = 0
         self._closed = False
-        self._sending = False
 
     def __repr__(self) -> str:
         pid = self.peer.pid if self.peer else None
@@ -91,12 +94,29 @@ class Connection:
         return self.peer.pid if self.peer else None
 
     def push(self, message: dict[str, Any]) -> None:
-        """Queue a message (an event or a response) for sending, without waiting."""
+        """Send a message (an event or a response), or queue it for sending, without waiting.
+
+        With nothing queued before it, the message goes to the socket at once.
+        What the socket's buffer does not take waits in the outbox.
+        """
         if self._closed:
             return
         data = (json.dumps(message, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+        if self._unsent == 0:
+            try:
+                sent = self._socket.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                logger.info("closing %r: sending failed: %s", self, exc)
+                self.close()
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
             self._outbox_send.send_nowait(data)
+            self._unsent += 1
 
     def close(self) -> None:
         """Close the connection: stop reading and sending."""
@@ -107,12 +127,16 @@ class Connection:
     async def send_loop(self) -> None:
         """Send queued messages in order; close the connection if the client stops reading."""
         async with self._outbox_receive:
-            async for data in self._outbox_receive:
-                self._sending = True
+            async for first in self._outbox_receive:
+                # Messages queued meanwhile go out with the first in one send.
+                chunks = [first]
+                with contextlib.suppress(anyio.WouldBlock):
+                    while True:
+                        chunks.append(self._outbox_receive.receive_nowait())
                 try:
                     with anyio.fail_after(self.limits.send_timeout):
-                        await self.stream.send(data)
-                    self._sending = False
+                        await self.stream.send(b"".join(chunks))
+                    self._unsent -= len(chunks)
                 except (
                     TimeoutError,
                     anyio.BrokenResourceError,
@@ -129,7 +153,7 @@ class Connection:
 
     def outbox_empty(self) -> bool:
         """Return whether every queued message has been handed to the socket."""
-        return not self._sending and self._outbox_send.statistics().current_buffer_used == 0
+        return self._unsent == 0
 
     def mark_closed(self) -> None:
         """Stop queueing messages; the connection is going away."""

@@ -30,6 +30,7 @@ from deployd.coordinator import (
     Ended,
     Enqueue,
     Grant,
+    Handoff,
     HeldLease,
     Lost,
     Overlap,
@@ -93,6 +94,10 @@ ACQUIRE_LATENCY_SAMPLES = 1000
 # The shortest time between two queue_position events to one waiting caller.
 POSITION_EVENT_INTERVAL = 0.5
 
+# Seconds that the wait for a process's exit stays open after the last lease
+# bound to the process ended, ready for the process's next lease.
+EXIT_WATCH_IDLE_KEEP = 10.0
+
 EventSink = Callable[[dict[str, Any]], None]
 
 
@@ -100,8 +105,7 @@ EventSink = Callable[[dict[str, Any]], None]
 class Binding:
     """What keeps a lease alive: open connections and live processes.
 
-    The lease ends when the last of them is gone. ``watchers`` holds the
-    cancel scope of each process watcher, by pid.
+    The lease ends when the last of them is gone.
     """
 
     lease_id: str
@@ -109,7 +113,6 @@ class Binding:
     key: str = ""
     connections: set[Any] = field(default_factory=set)
     processes: dict[int, ProcessIdentity] = field(default_factory=dict)
-    watchers: dict[int, anyio.CancelScope] = field(default_factory=dict)
 
     def empty(self) -> bool:
         """Return whether nothing keeps the lease alive any more."""
@@ -122,6 +125,20 @@ class Binding:
             "connections": len(self.connections),
             "pids": sorted(self.processes),
         }
+
+
+@dataclass(eq=False)
+class _ExitWatch:
+    """One wait for a process to exit, shared by the bindings of every lease bound to it.
+
+    When its last binding goes, the wait stays open for EXIT_WATCH_IDLE_KEEP
+    seconds (the deadline of ``scope``), so that a process taking one lease
+    after another reuses it instead of opening a new pidfd for each lease.
+    """
+
+    identity: ProcessIdentity
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    bindings: set[Binding] = field(default_factory=set)
 
 
 @dataclass(eq=False)
@@ -188,6 +205,7 @@ class LeaseService:
             new_acquisition_id=new_acquisition_id,
             on_store_error=config.on_store_error,
             wall=config.wall_clock(),
+            handoff=store.atomic_handoff,
         )
         self.unlocked = UnlockedDeploys(store, self._overlap_found)
         self.events = EventBus()
@@ -202,6 +220,9 @@ class LeaseService:
         self._deployed_revisions: dict[str, str] = {}
         self._pending: dict[int, _Pending] = {}
         self._bindings: dict[str, Binding] = {}
+        self._exit_watches: dict[ProcessIdentity, _ExitWatch] = {}
+        # The lease that lease_json() converted last, with its JSON.
+        self._lease_json: tuple[Lease, dict[str, Any]] | None = None
         self._ended: OrderedDict[str, EndedLease] = OrderedDict()
         # Set when the store call of a requested release has finished, by lease id.
         self._store_releases: dict[str, anyio.Event] = {}
@@ -581,9 +602,9 @@ class LeaseService:
                         self.unlocked.record(held, outcome)
                     else:
                         task_group.start_soon(self._release_at_stop, held, outcome)
+        for watch in list(self._exit_watches.values()):
+            watch.scope.cancel()
         for held, binding in kept:
-            for scope in binding.watchers.values():
-                scope.cancel()
             logger.info(
                 "lease kept for the next daemon: lock=%s session=%s pids=%s",
                 held.lock,
@@ -616,6 +637,9 @@ class LeaseService:
     def _execute(self, actions: list[Action]) -> None:
         for action in actions:
             match action:
+                # First, because a grant of a contended lock moves every waiter up one place.
+                case Position():
+                    self._position(action)
                 case Attempt():
                     self._spawn(self._attempt, action)
                 case Enqueue():
@@ -626,12 +650,12 @@ class LeaseService:
                     self._spawn(self._renew, action)
                 case Release():
                     self._spawn(self._release, action)
+                case Handoff():
+                    self._spawn(self._handoff, action)
                 case Grant():
                     self._granted(action)
                 case Refuse():
                     self._refused(action)
-                case Position():
-                    self._position(action)
                 case Lost():
                     self._lost(action)
                 case Ended():
@@ -814,24 +838,57 @@ class LeaseService:
         self._store_calls += 1
         try:
             released = await self.store.release(held.lease, action.outcome)
-            if not released and action.outcome.status is not OutcomeStatus.LOST:
-                logger.warning(
-                    "release found the lock no longer ours: lock=%s session=%s",
-                    held.lock,
-                    held.lease_id,
-                )
+            self._check_released(held, action.outcome, released)
         except Exception as exc:
+            self._log_failed_release(held, exc)
+        finally:
+            self._release_stored(held)
+            self._execute(self.coordinator.release_done(held.lock, self._clock()))
+
+    async def _handoff(self, action: Handoff) -> None:
+        held = action.held
+        ticket = action.attempt.ticket
+        sent_at = self._clock()
+        self._store_calls += 1
+        result: Any = StoreError("the release and grant were cancelled")
+        try:
+            released, result = await self.store.release_and_acquire(
+                held.lease, action.outcome, action.attempt.request
+            )
+            self._check_released(held, action.outcome, released)
+        except StoreError as exc:
+            self._log_failed_release(held, exc)
+            result = exc
+        except Exception as exc:
+            logger.exception("unexpected error from the store: lock=%s", held.lock)
+            result = StoreError(f"unexpected store error: {exc}")
+        finally:
+            # The grant goes out before the response to the releasing caller,
+            # because the callers waiting in line wait for the grant.
+            self._execute(self.coordinator.handoff_done(ticket, result, sent_at, self._clock()))
+            self._release_stored(held)
+
+    def _check_released(self, held: HeldLease, outcome: Outcome, released: bool) -> None:
+        if not released and outcome.status is not OutcomeStatus.LOST:
             logger.warning(
-                "release failed, the lease expires after its TTL: lock=%s session=%s: %s",
+                "release found the lock no longer ours: lock=%s session=%s",
                 held.lock,
                 held.lease_id,
-                exc,
             )
-        finally:
-            stored = self._store_releases.pop(held.lease_id, None)
-            if stored is not None:
-                stored.set()
-            self._execute(self.coordinator.release_done(held.lock, self._clock()))
+
+    def _log_failed_release(self, held: HeldLease, error: Exception) -> None:
+        logger.warning(
+            "release failed, the lease expires after its TTL: lock=%s session=%s: %s",
+            held.lock,
+            held.lease_id,
+            error,
+        )
+
+    def _release_stored(self, held: HeldLease) -> None:
+        """Wake the caller whose release waits for the store."""
+        stored = self._store_releases.pop(held.lease_id, None)
+        if stored is not None:
+            stored.set()
 
     # --- answers and events ---
 
@@ -866,6 +923,16 @@ class LeaseService:
             # The caller left; the coordinator has already released this grant.
             return
         self._answer(pending, held=held)
+
+    def lease_json(self, lease: Lease) -> dict[str, Any]:
+        """Return ``lease.to_json()``, reused while the same lease is asked for again.
+
+        The response to a grant and the events of every caller waiting behind it
+        carry the same holder lease. The dict is shared, so callers must not change it.
+        """
+        if self._lease_json is None or self._lease_json[0] is not lease:
+            self._lease_json = (lease, lease.to_json())
+        return self._lease_json[1]
 
     def acquire_latencies(self) -> list[float]:
         """Return the request-to-grant times of recent grants that did not wait, in seconds."""
@@ -956,7 +1023,7 @@ class LeaseService:
                     owner=ticket.owner,
                     purpose=ticket.purpose,
                     token=None,
-                    details={"holder": action.holder.to_json(), "position": action.position},
+                    details={"holder": self.lease_json(action.holder), "position": action.position},
                 )
             )
         now = self._clock()
@@ -972,15 +1039,17 @@ class LeaseService:
         pending.position_sent = action
         holder = action.holder
         holder_age = max(0.0, time.time() - holder.acquired_at) if holder is not None else 0.0
+        median = self._median_duration(action.ticket.lock)
         pending.emit(
             {
                 "event": "queue_position",
                 "schema": EVENT_SCHEMA,
                 "lock": action.ticket.lock,
                 "position": action.position,
-                "holder": holder.to_json() if holder is not None else None,
+                "holder": self.lease_json(holder) if holder is not None else None,
                 "waiting_for": round(now - action.ticket.arrived_at, 3),
-                "eta": eta(self._median_duration(action.ticket.lock), holder_age, action.position),
+                "eta": eta(median, holder_age, action.position),
+                "typical_duration": round(median, 3) if median is not None else None,
                 "frozen": action.frozen.to_json() if action.frozen is not None else None,
             }
         )
@@ -1075,8 +1144,7 @@ class LeaseService:
         held = action.held
         binding = self._bindings.pop(held.lease_id, None)
         if binding is not None:
-            for scope in binding.watchers.values():
-                scope.cancel()
+            self._unwatch(binding)
         error: LeaseLost | None = None
         if action.outcome.status is OutcomeStatus.LOST:
             error = LeaseLost(held.lock, action.outcome.detail or f"lease on {held.lock} was lost")
@@ -1111,18 +1179,37 @@ class LeaseService:
     # --- process watching ---
 
     def _watch(self, binding: Binding, identity: ProcessIdentity) -> None:
-        if identity.pid in binding.watchers:
-            return
-        scope = anyio.CancelScope()
-        binding.watchers[identity.pid] = scope
-        self._spawn(self._watch_process, binding, identity, scope)
+        """End the binding's lease, if nothing else keeps it, when the process exits."""
+        watch = self._exit_watches.get(identity)
+        # A watch whose idle time ran out is cancelled but may not have finished yet.
+        if watch is None or watch.scope.cancel_called:
+            watch = _ExitWatch(identity)
+            self._exit_watches[identity] = watch
+            self._spawn(self._watch_process, watch)
+        watch.bindings.add(binding)
+        watch.scope.deadline = math.inf
 
-    async def _watch_process(
-        self, binding: Binding, identity: ProcessIdentity, scope: anyio.CancelScope
-    ) -> None:
-        with scope:
-            await wait_for_exit(identity)
-            binding.watchers.pop(identity.pid, None)
+    def _unwatch(self, binding: Binding) -> None:
+        """Stop watching the binding's processes for it; idle watches close later."""
+        for identity in binding.processes.values():
+            watch = self._exit_watches.get(identity)
+            if watch is None or binding not in watch.bindings:
+                continue
+            watch.bindings.discard(binding)
+            if not watch.bindings:
+                watch.scope.deadline = anyio.current_time() + EXIT_WATCH_IDLE_KEEP
+
+    async def _watch_process(self, watch: _ExitWatch) -> None:
+        identity = watch.identity
+        try:
+            with watch.scope:
+                await wait_for_exit(identity)
+        finally:
+            if self._exit_watches.get(identity) is watch:
+                del self._exit_watches[identity]
+        if watch.scope.cancelled_caught:
+            return
+        for binding in list(watch.bindings):
             binding.processes.pop(identity.pid, None)
             logger.info("bound process exited: session=%s pid=%d", binding.lease_id, identity.pid)
             self._end_if_unbound(binding, f"its process {identity.pid} exited")

@@ -43,6 +43,9 @@ class LeaseStore(ABC):
     """
 
     kind: ClassVar[str]
+    # Whether release_and_acquire is one atomic change in this store, rather
+    # than the default release followed by try_acquire.
+    atomic_handoff: ClassVar[bool] = False
 
     @abstractmethod
     async def open(self) -> None:
@@ -93,6 +96,20 @@ class LeaseStore(ABC):
         else or already free. The fencing token is kept, so the next grant
         still gets a larger one.
         """
+
+    async def release_and_acquire(
+        self, lease: Lease, outcome: Outcome, request: LeaseRequest
+    ) -> tuple[bool, Acquired | Busy]:
+        """Release ``lease`` as ``release`` does, then try ``request`` as ``try_acquire`` does.
+
+        Returns what ``release`` and ``try_acquire`` return. A store with
+        ``atomic_handoff`` makes both changes in one atomic change, so an
+        error means that it made neither. This default calls the two
+        operations one after the other: after an error the release may have
+        been made without the grant.
+        """
+        released = await self.release(lease, outcome)
+        return released, await self.try_acquire(request)
 
     @abstractmethod
     async def force_unlock(self, lock: str, by: Owner, reason: str) -> LockState:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -183,6 +184,7 @@ class SQLiteStore(LeaseStore):
     """
 
     kind = "sqlite"
+    atomic_handoff = True
 
     def __init__(
         self,
@@ -305,6 +307,15 @@ class SQLiteStore(LeaseStore):
         return await self._run(
             lambda db: self._release_in(db, lease, outcome), _WRITE, "release", lease.lock
         )
+
+    async def release_and_acquire(
+        self, lease: Lease, outcome: Outcome, request: LeaseRequest
+    ) -> tuple[bool, Acquired | Busy]:
+        def release_and_acquire_in(db: sqlite3.Connection) -> tuple[bool, Acquired | Busy]:
+            released = self._release_in(db, lease, outcome)
+            return released, self._try_acquire_in(db, request)
+
+        return await self._run(release_and_acquire_in, _WRITE, "release and acquire", lease.lock)
 
     async def force_unlock(self, lock: str, by: Owner, reason: str) -> LockState:
         return await self._run(
@@ -1080,7 +1091,10 @@ def _deployment_from_row(row: sqlite3.Row) -> Deployment:
     )
 
 
+@functools.lru_cache(maxsize=256)
 def _to_json(value: Owner | Purpose) -> str:
+    # Cached because every grant stores the same owner and purpose twice, and
+    # a client that deploys again sends the same ones. Both are frozen.
     return json.dumps(asdict(value), sort_keys=True)
 
 
