@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,9 @@ class ProtocolError(DeploydError):
 Handler = Callable[["Connection", dict[str, Any]], Awaitable[dict[str, Any]]]
 # Ops whose requests are withdrawn when the client closes its side, because
 # they only make sense while the client waits for the answer.
+# Seconds between log lines about rejected connections, so that a flood of
+# clients cannot flood the log.
+REJECTION_LOG_INTERVAL = 10.0
 CANCEL_ON_CLOSE = frozenset({"acquire", "hold"})
 
 
@@ -176,6 +180,8 @@ class Server:
         self._check_peer = check_peer or same_user
         self._connections: set[Connection] = set()
         self._numbers = 0
+        self._rejections_logged_at = -math.inf
+        self._rejections_not_logged = 0
 
     @property
     def connection_count(self) -> int:
@@ -195,6 +201,18 @@ class Server:
                 await anyio.sleep(0.1)
                 continue
             task_group.start_soon(self._handle_connection, stream)
+
+    def _log_rejection(self, connection: Connection, rejection: str) -> None:
+        """Log a rejected connection; a burst logs its first one, then a count every 10 s."""
+        now = time.monotonic()
+        if now - self._rejections_logged_at >= REJECTION_LOG_INTERVAL:
+            more = self._rejections_not_logged
+            also = f" (and {more} more rejected since the last such line)" if more else ""
+            logger.warning("rejected %r: %s%s", connection, rejection, also)
+            self._rejections_logged_at = now
+            self._rejections_not_logged = 0
+        else:
+            self._rejections_not_logged += 1
 
     async def _handle_connection(self, stream: SocketStream) -> None:
         self._numbers += 1
@@ -216,7 +234,7 @@ class Server:
         else:
             code = "permission_denied"
         if rejection is not None:
-            logger.warning("rejected %r: %s", connection, rejection)
+            self._log_rejection(connection, rejection)
             await _send_and_close(stream, error_response(None, code, rejection))
             return
 
