@@ -15,7 +15,13 @@ from firestore_stations import (  # noqa: F401
     private_emulator,
     store_reader,
 )
-from harness import DaemonProcess, Workstation, short_tempdir, start_daemon
+from harness import (
+    DaemonProcess,
+    Workstation,
+    short_tempdir,
+    start_daemon,
+    stop_started_daemon,
+)
 
 
 @pytest.fixture
@@ -70,3 +76,10 @@ def start() -> Iterator[Callable[..., DaemonProcess]]:
 def daemon(workstation: Workstation, start: Callable[..., DaemonProcess]) -> DaemonProcess:
     """Return a running daemon on the default workstation."""
     return start(workstation)
+
+
+@pytest.fixture
+def stop_started(workstation: Workstation) -> Iterator[None]:
+    """Stop, by the pid in its lock file, a daemon that a client of the test started."""
+    yield
+    stop_started_daemon(workstation)

@@ -445,3 +445,40 @@ class ShellHolder:
         if self.sleeper_file.exists():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(self.sleeper_file.read_text()), signal.SIGKILL)
+
+
+def process_running(pid: int) -> bool:
+    """Return whether ``pid`` runs and is not a zombie."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    state = stat_line.rsplit(")", 1)[1].split()[0]
+    return state not in ("Z", "X")
+
+
+def autostart_env(workstation: Workstation, **extra: str) -> dict[str, str]:
+    """Return the workstation's client environment with autostart allowed."""
+    env = workstation.env(**extra)
+    del env["DEPLOYD_NO_AUTOSTART"]
+    return env
+
+
+def stop_started_daemon(workstation: Workstation, pid: int | None = None) -> None:
+    """Stop a daemon that a client started, by ``pid`` or else the pid in its lock file."""
+    if pid is None:
+        lock_file = workstation.socket.parent / "deployd.lock"
+        try:
+            pid = int(lock_file.read_text().strip())
+        except (OSError, ValueError):
+            return
+    if not process_running(pid):
+        return
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not process_running(pid), timeout=30)

@@ -8,7 +8,6 @@ killed by signal N as 128+N, and forwards SIGINT, SIGTERM and SIGHUP.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import DaemonProcess, Workstation, terminate, wait_until
+from harness import (
+    DaemonProcess,
+    Workstation,
+    process_running,
+    stop_started_daemon,
+    terminate,
+    wait_until,
+)
 
 import deployd_client
 
@@ -484,36 +490,6 @@ wait "$sleeper"
 
 
 # --- autostart ---
-
-
-def process_running(pid: int) -> bool:
-    """Return whether ``pid`` runs and is not a zombie."""
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    state = stat_line.rsplit(")", 1)[1].split()[0]
-    return state not in ("Z", "X")
-
-
-def stop_started_daemon(workstation: Workstation, pid: int | None) -> None:
-    """Stop a daemon that a client started, by its pid; fall back to the pid in its lock file."""
-    if pid is None:
-        lock_file = workstation.socket.parent / "deployd.lock"
-        try:
-            pid = int(lock_file.read_text().strip())
-        except (OSError, ValueError):
-            return
-    if not process_running(pid):
-        return
-    os.kill(pid, signal.SIGTERM)
-    wait_until(lambda: not process_running(pid), timeout=30)
 
 
 def test_autostart_starts_daemon(workstation: Workstation) -> None:

@@ -12,50 +12,17 @@ daemon log name the same Firestore project.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from harness import DaemonProcess, Workstation, wait_until
+from harness import DaemonProcess, Workstation, autostart_env, wait_until
 
 from deployd.config import OTHER_VARIABLES, known_variables
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-
-
-def autostart_env(workstation: Workstation, **extra: str) -> dict[str, str]:
-    """Return the workstation's client environment with autostart allowed."""
-    env = workstation.env(**extra)
-    del env["DEPLOYD_NO_AUTOSTART"]
-    return env
-
-
-def process_running(pid: int) -> bool:
-    """Return whether ``pid`` runs and is not a zombie."""
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    state = stat_line.rsplit(")", 1)[1].split()[0]
-    return state not in ("Z", "X")
-
-
-@pytest.fixture
-def stop_started(workstation: Workstation) -> Iterator[None]:
-    """Stop, by the pid in its lock file, a daemon that a client of the test started."""
-    yield
-    lock_file = workstation.socket.parent / "deployd.lock"
-    try:
-        pid = int(lock_file.read_text().strip())
-    except (OSError, ValueError):
-        return
-    if process_running(pid) and workstation.socket.exists():
-        os.kill(pid, signal.SIGTERM)
-        wait_until(lambda: not process_running(pid), timeout=30)
 
 
 def line_of(output: str, name: str) -> str:
