@@ -311,7 +311,13 @@ def test_status_of_contended_lock(
     finally:
         holder.kill()
         for waiter in waiters:
+            # SIGTERM, which the run passes on to its command; SIGKILL would
+            # leave the command behind, blocked on its gate.
             if waiter.poll() is None:
+                waiter.terminate()
+            try:
+                waiter.wait(10)
+            except subprocess.TimeoutExpired:
                 waiter.kill()
                 waiter.wait(10)
 
