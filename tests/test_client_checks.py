@@ -11,7 +11,9 @@ keeps the lock while the command's background processes live, and a failed
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -122,3 +124,29 @@ def holder_of(workstation: Workstation, lock: str) -> dict[str, object] | None:
             lease: dict[str, object] = entry["lease"]
             return lease
     return None
+
+
+def test_sigchld_does_not_end_wait(
+    workstation: Workstation, start: Callable[..., DaemonProcess]
+) -> None:
+    """SIGCHLD, as from a daemon this client started and that lost the start race, is no stop."""
+    start(workstation)
+    holder = workstation.spawn("run", "api", "--", "sleep", "60")
+    waiter = None
+    try:
+        wait_until(lambda: holder_of(workstation, "api") is not None)
+        waiter = workstation.spawn("run", "api", "--wait", "60s", "--", "true")
+        wait_until(lambda: len(workstation.local_queue("api")) == 1)
+
+        for _ in range(3):
+            os.kill(waiter.pid, signal.SIGCHLD)
+        holder.terminate()
+
+        _, stderr = waiter.communicate(timeout=30)
+        assert waiter.returncode == 0, stderr
+    finally:
+        holder.kill()
+        holder.communicate(timeout=30)
+        if waiter is not None and waiter.poll() is None:
+            waiter.kill()
+            waiter.communicate(timeout=30)

@@ -44,6 +44,7 @@ from deployd_client.protocol import (
 )
 from deployd_client.waiting import (
     AUTOSTART_AFTER,
+    INTERRUPTING_SIGNALS,
     WaitInterrupted,
     read_signals,
     wait_for_lease,
@@ -60,7 +61,7 @@ else:
     # which costs every ``deployd run`` time for no benefit here.
     import _signal as signal
 
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+FORWARDED_SIGNALS = INTERRUPTING_SIGNALS
 SIGNAL_NAMES: dict[int, str] = {
     signal.SIGINT: "SIGINT",
     signal.SIGTERM: "SIGTERM",

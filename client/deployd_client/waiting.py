@@ -27,7 +27,11 @@ from deployd_client.protocol import (
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
+    import signal
     from typing import Any
+else:
+    # The C module behind ``signal``, which skips building the enums at import.
+    import _signal as signal
 
 # How long the daemon may take to answer beyond the time the caller agreed to
 # wait. The daemon itself answers within its store deadline (seconds); this
@@ -42,6 +46,10 @@ class DaemonTimeout(ClientError):
     """The daemon accepted the connection but did not respond in time."""
 
     code = "daemon_timeout"
+
+
+# The signals that end a wait: those that ``deployd run`` forwards to its command.
+INTERRUPTING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class WaitInterrupted(Exception):
@@ -119,8 +127,7 @@ def _await_grant(
             timeout = 0
         ready = _select(watched, timeout)
         if wakeup is not None and wakeup in ready:
-            for signum in read_signals(wakeup):
-                raise WaitInterrupted(signum)
+            _raise_if_interrupted(read_signals(wakeup))
         if not ready and not connection.has_buffered_message():
             display.refresh()
             continue
@@ -158,10 +165,21 @@ def _reconnect(give_up_at: float, wakeup: int | None, display: WaitDisplay) -> C
             if time.monotonic() >= give_up_at:
                 raise
         if wakeup is not None and _select([wakeup], 0.1):
-            for signum in read_signals(wakeup):
-                raise WaitInterrupted(signum)
+            _raise_if_interrupted(read_signals(wakeup))
         elif wakeup is None:
             time.sleep(0.1)
+
+
+def _raise_if_interrupted(signals: list[int]) -> None:
+    """Raise WaitInterrupted for the first of ``signals`` that ends a wait.
+
+    SIGCHLD also reaches the wakeup pipe, for instance when a daemon that
+    this client started exits after losing the race to start; it must not
+    end the wait.
+    """
+    for signum in signals:
+        if signum in INTERRUPTING_SIGNALS:
+            raise WaitInterrupted(signum)
 
 
 def _select(fds: list[int], timeout: float | None) -> list[int]:
