@@ -59,21 +59,22 @@ def test_healthy_setup_exits_0(workstation: Workstation, daemon: DaemonProcess) 
     assert result.stdout.splitlines()[-1] == "0 problems, 0 warnings"
 
 
-def test_stale_socket_fails(workstation: Workstation, start: Callable[..., DaemonProcess]) -> None:
+def test_stale_socket_warns(workstation: Workstation, start: Callable[..., DaemonProcess]) -> None:
+    """A stale socket file is a warning: the next daemon to start removes it itself."""
     killed = start(workstation)
     killed.process.send_signal(signal.SIGKILL)
     killed.process.wait(30)
 
     result = doctor(workstation)
 
-    assert result.returncode == 1, result.stdout
-    assert levels(result.stdout)["socket"] == "FAIL"
+    assert result.returncode == 0, result.stdout
+    assert levels(result.stdout)["socket"] == "warn"
     lines = result.stdout.splitlines()
     socket_line = lines.index(line_of(result.stdout, "socket"))
     assert "stale socket file" in lines[socket_line]
     assert lines[socket_line + 1].strip().startswith(f"fix: rm {workstation.socket}")
     assert workstation.socket.exists(), "doctor must change nothing"
-    assert result.stdout.splitlines()[-1].startswith("1 problem, ")
+    assert result.stdout.splitlines()[-1].startswith("0 problems, ")
 
 
 def test_open_socket_dir_fails(workstation: Workstation) -> None:

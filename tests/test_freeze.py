@@ -537,3 +537,21 @@ def test_freeze_times_share_one_form(
     assert start_line.startswith("deployd: waiting for api: frozen api by "), start_line
     assert expected in start_line
     assert expected in error_line
+
+
+def test_unfreeze_lock_under_freeze_of_all(
+    workstation: Workstation, start: Callable[..., DaemonProcess]
+) -> None:
+    """Unfreezing one lock while all locks are frozen says that the lock is still frozen."""
+    start(workstation)
+    assert workstation.deployd("freeze", "--all", "--reason", "incident").returncode == 0
+
+    result = workstation.deployd("unfreeze", "api")
+
+    assert result.returncode == 0, result.stderr
+    assert "api is still frozen (it has no freeze of its own) by the freeze of all locks" in (
+        result.stderr
+    )
+    assert "'incident'" in result.stderr
+    assert "'deployd unfreeze --all' lifts that one" in result.stderr
+    assert "was not frozen" not in result.stderr

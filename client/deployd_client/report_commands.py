@@ -193,6 +193,13 @@ def _unfreeze(args: Arguments) -> int:
             )
     elif args.all:
         warn("no freeze of all locks was in force; a freeze of one lock needs 'unfreeze LOCK'")
-    else:
+    elif not result.get("all_locks_freeze"):
         warn(f"{args.lock} was not frozen")
+    all_locks = result.get("all_locks_freeze")
+    if all_locks and not args.all:
+        own = "" if lifted else " (it has no freeze of its own)"
+        warn(
+            f"{args.lock} is still frozen{own} by the freeze of all locks: "
+            f"{describe_freeze_origin(all_locks)}. 'deployd unfreeze --all' lifts that one"
+        )
     return exitcodes.OK

@@ -650,7 +650,12 @@ def _start_failed(message: str, exit_code: int) -> int:
     A client that started this daemon quotes the ``deployd serve:`` line from
     the daemon's stderr (``deployd_client.autostart``), so it stays one line.
     """
-    logger.error("cannot start: %s", message)
+    if exit_code == exitcodes.BUSY:
+        # Another daemon already serves the socket: clients that start one at
+        # the same moment race, and the losers end here, which is harmless.
+        logger.info("not starting: %s", message)
+    else:
+        logger.error("cannot start: %s", message)
     print(f"deployd serve: {message}", file=sys.stderr)
     return exit_code
 

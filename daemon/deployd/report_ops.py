@@ -288,8 +288,18 @@ class ReportOps:
         """
         scope = _scope(Params(request), request)
         lifted = await self._store_call(self.service.store.unfreeze(scope))
+        # The freeze of all locks still stops a lock whose own freeze is gone.
+        all_locks = None
+        if scope != ALL_LOCKS:
+            active = await self._store_call(self.service.store.freezes())
+            all_locks = next((f.to_json() for f in active if f.scope == ALL_LOCKS), None)
         if lifted is None:
-            return {"schema": REPORT_SCHEMA, "unfrozen": None, "was_in_force": False}
+            return {
+                "schema": REPORT_SCHEMA,
+                "unfrozen": None,
+                "was_in_force": False,
+                "all_locks_freeze": all_locks,
+            }
         was_in_force = lifted.active(time.time() + (self._clock_offset() or 0.0))
         logger.warning(
             "unfroze %s by %s%s",
@@ -297,7 +307,12 @@ class ReportOps:
             user_of(connection),
             "" if was_in_force else " (it had already ended)",
         )
-        return {"schema": REPORT_SCHEMA, "unfrozen": lifted.to_json(), "was_in_force": was_in_force}
+        return {
+            "schema": REPORT_SCHEMA,
+            "unfrozen": lifted.to_json(),
+            "was_in_force": was_in_force,
+            "all_locks_freeze": all_locks,
+        }
 
 
 def _since(request: dict[str, Any]) -> float | None:
