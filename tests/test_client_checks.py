@@ -111,7 +111,10 @@ def test_busy_acquire_prints_json_error(
         assert error["code"] == "lock_busy"
         assert error["exit_code"] == 75
         assert error["message"] in result.stderr
-        assert isinstance(error["details"], dict)
+        state = error["details"]["lock_state"]
+        assert state["lock"] == "api"
+        assert state["held"] is True
+        assert state["lease"]["purpose"]["reason"] == "schema change"
     finally:
         holder.terminate()
         holder.communicate(timeout=30)

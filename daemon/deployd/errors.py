@@ -141,6 +141,10 @@ class LockBusy(DeploydError):
         self.state = state
         super().__init__(message)
 
+    def details(self) -> dict[str, Any]:
+        """Return the lock's state (holder, waiters, freeze), when the store showed it."""
+        return {"lock_state": self.state.to_json()} if self.state is not None else {}
+
 
 class WaitTimedOut(LockBusy):
     """A caller waited for the lock for as long as it allowed and did not get it."""
