@@ -381,3 +381,36 @@ def test_sizeless_terminal_shows_whole_line(
     drawn = [line for line in output.split(REDRAW) if line.startswith("deployd: waiting")]
     assert drawn, output
     assert all(len(line) >= 70 for line in drawn), drawn
+
+
+def test_narrow_terminal_keeps_place_in_line(
+    workstation: Workstation, start: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    """On an 80-column terminal the holder's details give way to the caller's place in line."""
+    start(workstation)
+    holder = ShellHolder(
+        workstation, tmp_path / "holder", "api", "--commit", "abc1234", "--reason", "fix login"
+    )
+    process = None
+    reader = None
+    try:
+        holder.lease()
+        process, controller = terminal_command(
+            [*DEPLOYD, "run", "api", "--wait", "3s", "--", "true"], workstation.env(), columns=80
+        )
+        reader = TerminalOutput(controller)
+        reader.start()
+        assert process.wait(30) == 75, reader.text()
+        reader.join(10)
+        output = reader.text()
+    finally:
+        holder.kill()
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(10)
+        if reader is not None:
+            os.close(reader.controller)
+
+    drawn = [line for line in output.split(REDRAW) if line.startswith("deployd: waiting")]
+    assert any("you are 1st in line" in line for line in drawn), drawn
+    assert all(len(line) < 80 for line in drawn), drawn

@@ -201,14 +201,18 @@ class WaitDisplay:
         self._write(self._describe() + "\n")
         self._shown = True
 
-    def _describe(self) -> str:
+    def _describe(self, brief: bool = False) -> str:
+        """Describe the wait; ``brief`` names the holder only, so a narrow line keeps the rest."""
         event = self._event or {}
         parts: list[str] = []
         frozen = event.get("frozen")
         if isinstance(frozen, dict):
             parts.append(f"frozen {describe_freeze(frozen)}")
         holder = event.get("holder")
-        if isinstance(holder, dict):
+        if isinstance(holder, dict) and brief:
+            owner = holder.get("owner") or {}
+            parts.append(f"held by {owner.get('user', '?')}@{owner.get('host', '?')}")
+        elif isinstance(holder, dict):
             parts.append(f"held by {describe_holder(holder)}")
         position = event.get("position")
         if isinstance(position, int):
@@ -227,6 +231,9 @@ class WaitDisplay:
             width = 0
         # Terminals without a size (script, docker exec -t) report 0 columns.
         width = width or 80
+        if len(text) >= width:
+            # The place in line and the ETA matter more than the holder's details.
+            text = f"{self._describe(brief=True)} (waiting {waited})"
         if len(text) >= width:
             text = text[: max(10, width - 2)] + "…"
         self._write(f"\r\x1b[K{text}")
