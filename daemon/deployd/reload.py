@@ -251,6 +251,9 @@ class ConfigReloader:
                     debounce=DEBOUNCE_MS,
                     step=STEP_MS,
                     rust_timeout=WATCH_TIMEOUT_MS,
+                    # An empty batch every WATCH_TIMEOUT_MS re-reads the file, so an
+                    # edit made before the watch took hold is still applied.
+                    yield_on_timeout=True,
                     watch_filter=functools.partial(self._concerns_config, watched),
                 ):
                     if watched != directory and os.path.isdir(directory):
