@@ -542,7 +542,7 @@ def test_freeze_times_share_one_form(
 def test_unfreeze_lock_under_freeze_of_all(
     workstation: Workstation, start: Callable[..., DaemonProcess]
 ) -> None:
-    """Unfreezing one lock while all locks are frozen says that the lock is still frozen."""
+    """Unfreezing one lock while all locks are frozen reports that the lock is still frozen."""
     start(workstation)
     assert workstation.deployd("freeze", "--all", "--reason", "incident").returncode == 0
 

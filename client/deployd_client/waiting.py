@@ -174,8 +174,8 @@ def _raise_if_interrupted(signals: list[int]) -> None:
     """Raise WaitInterrupted for the first of ``signals`` that ends a wait.
 
     SIGCHLD also reaches the wakeup pipe, for instance when a daemon that
-    this client started exits after losing the race to start; it must not
-    end the wait.
+    this client started loses the race to start and exits. It must not end
+    the wait.
     """
     for signum in signals:
         if signum in INTERRUPTING_SIGNALS:

@@ -493,7 +493,7 @@ class Daemon:
                 service.adopt(held, binding)
                 continue
             # A 'deployd run' client gives the lease up as lost at the renew
-            # deadline, so its record says lost from then on, as its exit code 76 does.
+            # deadline, so from then on its record is 'lost', matching its exit code 76.
             told_lost = kept.binding_kind == "connection" and (
                 now >= kept.confirmed_at + kept.timings.renew_deadline
             )
