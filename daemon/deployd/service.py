@@ -68,6 +68,7 @@ from deployd.reports import EVENT_SCHEMA, eta
 from deployd.sessions import new_acquisition_id, new_session_id
 from deployd.stores.base import LeaseStore
 from deployd.unlocked import UnlockedDeploys, overlap_event
+from deployd_client.display import clock_time
 from deployd_client.durations import format_duration
 
 logger = logging.getLogger("deployd.leases")
@@ -706,7 +707,7 @@ class LeaseService:
         logger.warning(
             "lease taken in the store after running without a lock since %s: lock=%s session=%s "
             "token=%d",
-            time.strftime("%H:%M:%S", time.localtime(held.unlocked_since or 0)),
+            clock_time(held.unlocked_since or 0),
             held.lock,
             held.lease_id,
             held.lease.token,

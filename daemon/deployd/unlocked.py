@@ -23,6 +23,7 @@ from deployd.errors import StoreError
 from deployd.models import Deployment, Outcome
 from deployd.reports import EVENT_SCHEMA
 from deployd.stores.base import LeaseStore
+from deployd_client.display import clock_time
 from deployd_client.durations import format_duration
 
 logger = logging.getLogger("deployd.unlocked")
@@ -72,15 +73,11 @@ def overlapping(own: Deployment, others: list[Deployment]) -> list[Deployment]:
 def describe_overlap(own: Deployment, other: Deployment) -> str:
     """Return one line that names both deploys of an overlap."""
     duration = (own.finished_at or time.time()) - own.started_at
-    until = (
-        "still running"
-        if other.finished_at is None
-        else time.strftime("%H:%M:%S", time.localtime(other.finished_at))
-    )
+    until = "still running" if other.finished_at is None else clock_time(other.finished_at)
     return (
         f"{own.lock} was deployed by {other.owner.user} on {other.owner.host} "
         f"(session {other.session_id}, token {other.token}, from "
-        f"{time.strftime('%H:%M:%S', time.localtime(other.started_at))} to {until}) while "
+        f"{clock_time(other.started_at)} to {until}) while "
         f"{own.owner.user} on {own.owner.host} deployed it without a lock "
         f"(session {own.session_id}, for {format_duration(duration)})"
     )
