@@ -368,10 +368,10 @@ async def uncontended(emulator: str, counter: RpcCounter, iterations: int) -> di
 async def _time_emulator_parts(client: Any, namespace: str, iterations: int) -> dict[str, Any]:
     """Time single RPCs of the shapes that the two locks send, with the plain client.
 
-    A batch get of one document (the transaction's read) and of four (the
-    store's read of the lock, its queue and two freeze documents), and a
-    commit of the lock document alone (the transaction's write) and with a
-    deployment record (the store's grant).
+    The shapes are a batch get of one document (the transaction's read) and
+    of four (the store's read of the lock, its queue and two freeze documents),
+    then a commit of the lock document alone (the transaction's write) and
+    one with a deployment record (the store's grant).
     """
     from google.cloud.firestore import SERVER_TIMESTAMP, Increment
 
@@ -803,7 +803,7 @@ def _wait_behind(
         finally:
             thread.join(seconds + REQUEST_TIMEOUT)
             waiter.close()
-        # The daemon removes the waiter's entry from the queue after it answers.
+        # The daemon removes the waiter's entry from the queue after its response.
         time.sleep(WAITER_EDGE)
         totals = _difference(counter.methods(), before)
         holder_rpcs = _difference(holder_counter.methods(), holder_before)
@@ -937,7 +937,7 @@ def main() -> int:
         "--minutes-held",
         type=float,
         default=10.0,
-        help="minutes that a deploy holds the lock in the cost estimate",
+        help="minutes that a deploy keeps the lock, in the cost estimate",
     )
     parser.add_argument(
         "--minutes-waiting",

@@ -9,7 +9,7 @@
 # the script's exit code and the deployed revision, however the script ends.
 # If the script is killed outright (SIGKILL), deployd sees this shell exit
 # and frees the lock at once. A step that was running then (docker build,
-# gcloud run deploy) is not stopped with it; to stop the whole process group
+# gcloud run deploy) is not stopped with it. To stop the whole process group
 # as well, run the script under the lock instead:
 #   deployd run SERVICE -- examples/deploy-service.sh SERVICE
 # (its own acquire then joins that lease).

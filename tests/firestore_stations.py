@@ -245,7 +245,7 @@ def make_firestore_workstation(
     ``emulator_host`` points the daemon at another address, such as a proxy
     or a private emulator. A ``store`` table in the settings adds to the
     Firestore settings, and other settings go to the config file as they are.
-    ``on_store_error`` is "closed" unless the settings say otherwise. Under
+    ``on_store_error`` is "closed" unless the settings set it. Under
     "open", a store call that took longer than the store timeout on a loaded
     machine would let a waiter deploy without the lock, and the tests that
     check exclusion would report an overlap that the policy allowed.

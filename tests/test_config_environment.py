@@ -4,7 +4,7 @@ Misspelt or unknown DEPLOYD_* variables are warned about by ``config
 check``, ``doctor`` and a starting daemon, with a guess at the name meant.
 A relative DEPLOYD_STATE_DIR or DEPLOYD_CONFIG is rejected with exit 78 by
 the client and the daemon, and relative XDG_* base directories are ignored,
-as the XDG Base Directory Specification says. ``doctor`` names a configured
+as the XDG Base Directory Specification requires. ``doctor`` names a configured
 clock_offset as a setting for tests, and ``status``, ``config show`` and the
 daemon log name the same Firestore project.
 """
@@ -253,9 +253,7 @@ def test_relative_path_key_from_environment_rejected(
     )
 
 
-def test_state_dir_with_tilde_shared_by_client_and_daemon(
-    workstation: Workstation, stop_started: None
-) -> None:
+def test_tilde_state_dir_shared(workstation: Workstation, stop_started: None) -> None:
     home = workstation.root / "home"
     home.mkdir()
     env = autostart_env(workstation, HOME=str(home), DEPLOYD_STATE_DIR="~/state")

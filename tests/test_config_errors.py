@@ -3,7 +3,7 @@
 Covers ``deployd config check``, ``doctor``, a reload, and a daemon that
 cannot start (its log and the client that started it). A ``deployd run``
 re-attaches while the config is invalid, ``DEPLOYD_SOCKET`` is relative, and
-the fixes that ``status`` and ``doctor`` print say how to restart.
+the fixes that ``status`` and ``doctor`` print explain how to restart.
 """
 
 from __future__ import annotations

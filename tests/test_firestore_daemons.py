@@ -55,9 +55,9 @@ RUNS_PER_CLIENT = 10
 HOLD_SECONDS = 0.01
 
 # The TTL of the tests that wait for a lease to expire. Renewals come every
-# 2 s, and a holder declares its lease lost after 4 s without one, so the
-# holder's command is stopped 2 s before anyone else can take the lock, which
-# is the margin that the ledger checks rely on when the machine is loaded.
+# 2 s, and a holder declares its lease lost after 4 s without one. So the
+# holder's command is stopped 2 s before anyone else can take the lock: the
+# margin that the ledger checks rely on when the machine is loaded.
 SHORT_TTL = 6.0
 # How long after its TTL an abandoned lease may take to pass to a waiter:
 # the waiter's poll interval and the latency of the daemons and the emulator,

@@ -39,7 +39,7 @@ from test_exclusion import ledger_intervals
 
 pytestmark = pytest.mark.firestore
 
-# The longest a request to a daemon may take when its store does not respond:
+# The maximum time a request to a daemon may take when its store does not respond:
 # a few store deadlines (the daemon may read again after a failed write),
 # plus the start of the client. Far below the minute that would mean the
 # deadline did not apply.

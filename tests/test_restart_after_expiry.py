@@ -1,7 +1,7 @@
 """A daemon that comes back after a kept lease expired ends that lease and completes its record.
 
-While no daemon ran, nothing renewed the lease, so its deploy was told it
-lost the lock (``deployd run`` exits 76). The restarted daemon releases the
+While no daemon ran, nothing renewed the lease, so a ``deployd run`` holder
+gave it up as lost (exit 76). The restarted daemon releases the
 expired lease at once and records the deploy as ``lost``, instead of leaving
 a ``running`` record until the next grant of the lock.
 """
@@ -71,7 +71,7 @@ def test_restart_after_run_gave_up_records_lost(
 
 
 def held_session(workstation: Workstation) -> str:
-    """Return the session id that holds ``api``, or an empty string when it is free."""
+    """Return the session id of the lease on ``api``, or an empty string when it is free."""
     for entry in workstation.status()["locks"]:
         if entry["lock"] == "api" and entry.get("lease"):
             session_id: str = entry["lease"]["session_id"]

@@ -2,8 +2,8 @@
 
 LOCK_NAME_RULE = "[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
 MAX_LOCK_NAME_LENGTH = 128
-# Limits the daemon applies to requests; the client checks them first, so a
-# bad value gets a message that names the option instead of a protocol error.
+# Limits that the daemon applies to requests. The client checks them first, so
+# a bad value gets a message that names the option instead of a protocol error.
 MAX_TEXT_LENGTHS = {"reason": 1000, "commit": 200, "revision": 200}
 MIN_TTL = 1.0
 MAX_TTL = 86400.0

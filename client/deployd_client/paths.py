@@ -83,7 +83,7 @@ def runtime_dir() -> str:
 
 
 def socket_dir() -> str:
-    """Return the private directory (mode 0700) that holds the daemon's socket.
+    """Return the private directory (mode 0700) that contains the daemon's socket.
 
     Raises RelativePath when DEPLOYD_SOCKET is set to a relative path.
     """
@@ -148,7 +148,7 @@ def default_config_path() -> str:
 def xdg_base(variable: str, *fallback: str) -> str:
     """Return the XDG base directory ``$variable``, or ``~/`` joined with ``fallback``.
 
-    The XDG Base Directory Specification (version 0.8) says that a relative
+    The XDG Base Directory Specification (version 0.8) states that a relative
     path in these variables is invalid and should be ignored, so a relative
     value counts as unset, as an empty one does.
     """

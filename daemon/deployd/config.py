@@ -17,11 +17,9 @@ from typing import Any
 from deployd.errors import ConfigError, ConfigErrors
 from deployd_client import paths
 from deployd_client.durations import parse_duration
-from deployd_client.names import lock_name_problem
+from deployd_client.names import MAX_TTL, MIN_TTL, lock_name_problem
 
 DEFAULT_TTL = 30.0
-MIN_TTL = 1.0
-MAX_TTL = 86400.0
 DEFAULT_CHANNEL = "#daily-orchestration"
 
 
@@ -678,7 +676,7 @@ def _unknown_key_rule(key: tuple[str | None, str]) -> str:
 def _unknown_section_rule(name: str, table: dict[str, Any]) -> str:
     """Return the rule for an unknown ``[name]`` table: the section meant, and every section.
 
-    The section meant holds every key of the table, or else has a name close to ``name``.
+    The section meant contains every key of the table, or else has a name close to ``name``.
     """
     import difflib
 

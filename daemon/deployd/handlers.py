@@ -15,7 +15,6 @@ from typing import Any
 import anyio
 
 from deployd import __version__
-from deployd.config import MAX_TTL, MIN_TTL
 from deployd.coordinator import HeldLease
 from deployd.errors import (
     InvalidArgument,
@@ -33,16 +32,15 @@ from deployd.server import PROTOCOL_VERSIONS, Connection, Handler
 from deployd.service import AcquireSpec, LeaseService
 from deployd.sessions import short_hostname
 from deployd_client.durations import format_duration
-from deployd_client.names import lock_name_problem
+from deployd_client.names import MAX_TEXT_LENGTHS, MAX_TTL, MAX_WAIT, MIN_TTL, lock_name_problem
 
 logger = logging.getLogger("deployd.handlers")
 
-MAX_WAIT = 7 * 86400.0
 # A lease id as handed to its holder: the session id, "+", and a secret key.
 # Session ids are shown to everyone (status, errors); the key proves that a
 # request comes from the holder.
 LEASE_KEY_SEPARATOR = "+"
-MAX_TEXT = {"reason": 1000, "commit": 200, "revision": 200, "force_reason": 1000}
+MAX_TEXT = {**MAX_TEXT_LENGTHS, "force_reason": MAX_TEXT_LENGTHS["reason"]}
 # The last lines of a command's output that a release may carry, for the
 # failure message in Slack: how many, and how long each may be.
 OUTPUT_TAIL_LINES = 20
