@@ -188,6 +188,33 @@ class DaemonLock:
         self.connection.close()
 
 
+class AlternatingDaemonLock:
+    """A lock that two daemons take in turn, as deploys from two workstations do.
+
+    ``acquire`` asks the first daemon. ``release`` releases it there, then lets
+    the second daemon hold and release the lock, so that every acquire finds
+    the lock last released by another daemon.
+    """
+
+    def __init__(self, first: Daemon, second: Daemon) -> None:
+        self.first = DaemonLock(first)
+        self.second = DaemonLock(second)
+
+    def acquire(self) -> str | None:
+        return self.first.acquire()
+
+    def release(self, lease_id: str) -> None:
+        self.first.release(lease_id)
+        other = self.second.acquire()
+        if other is None:
+            raise BenchError("the second daemon found the benchmark's free lock busy")
+        self.second.release(other)
+
+    def close(self) -> None:
+        self.first.close()
+        self.second.close()
+
+
 def emulator_client(host: str) -> Any:
     """Return an AsyncClient of the emulator at ``host``.
 
@@ -305,7 +332,7 @@ class StoreLock:
         await self.store.aclose()
 
 
-AnyLock = DaemonLock | TransactionLock | StoreLock
+AnyLock = DaemonLock | AlternatingDaemonLock | TransactionLock | StoreLock
 
 
 # --- (a) uncontended acquire ---
@@ -317,16 +344,21 @@ async def uncontended(emulator: str, counter: RpcCounter, iterations: int) -> di
     with (
         firestore_daemon(emulator, namespace) as direct,
         firestore_daemon(counter.address, f"{namespace}-counted") as counted,
+        firestore_daemon(emulator, f"{namespace}-turns") as turns,
+        firestore_daemon(emulator, f"{namespace}-turns") as other_turns,
+        firestore_daemon(counter.address, f"{namespace}-turns-counted") as counted_turns,
+        firestore_daemon(emulator, f"{namespace}-turns-counted") as other_counted_turns,
     ):
         clients = {"direct": emulator_client(emulator), "counted": emulator_client(counter.address)}
         locks: dict[str, dict[str, AnyLock]] = {"direct": {}, "counted": {}}
         try:
-            for kind, daemon, host in (
-                ("direct", direct, emulator),
-                ("counted", counted, counter.address),
+            for kind, daemon, host, alternating in (
+                ("direct", direct, emulator, (turns, other_turns)),
+                ("counted", counted, counter.address, (counted_turns, other_counted_turns)),
             ):
                 suffix = "" if kind == "direct" else "-counted"
                 locks[kind]["daemon"] = DaemonLock(daemon)
+                locks[kind]["daemon_in_turns"] = AlternatingDaemonLock(*alternating)
                 store_lock = StoreLock(host, f"{namespace}-store{suffix}")
                 await store_lock.open()
                 locks[kind]["store_in_process"] = store_lock
@@ -343,7 +375,7 @@ async def uncontended(emulator: str, counter: RpcCounter, iterations: int) -> di
         finally:
             for by_name in locks.values():
                 for lock in by_name.values():
-                    if isinstance(lock, DaemonLock):
+                    if isinstance(lock, DaemonLock | AlternatingDaemonLock):
                         lock.close()
                     elif isinstance(lock, StoreLock):
                         await lock.aclose()
@@ -356,6 +388,9 @@ async def uncontended(emulator: str, counter: RpcCounter, iterations: int) -> di
         "latency_ms": {name: summarize(values) for name, values in latencies.items()},
         "rpcs_per_acquire": rpcs,
         "daemon_over_transaction_median": medians["daemon"] / medians["transaction"],
+        "daemon_in_turns_over_transaction_median": (
+            medians["daemon_in_turns"] / medians["transaction"]
+        ),
         "store_over_transaction_median": medians["store_in_process"] / medians["transaction"],
         # Warm-up and timed acquires, each released again.
         "daemon_cpu_ms_per_acquire_and_release": daemon_cpu
@@ -433,7 +468,7 @@ async def _acquire_and_release(
     """
     before = counter.count() if counter is not None else 0
     started = time.perf_counter()
-    if isinstance(lock, DaemonLock):
+    if isinstance(lock, DaemonLock | AlternatingDaemonLock):
         lease_id = lock.acquire()
         elapsed = time.perf_counter() - started
         after = counter.count() if counter is not None else 0

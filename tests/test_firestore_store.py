@@ -25,8 +25,9 @@ from tcp_proxy import TcpProxy
 
 from deployd.config import Config, StoreConfig
 from deployd.errors import ConfigError, LeaseLost, StoreUnavailable
-from deployd.models import Acquired, Deployment, Outcome, Purpose, Takeover
+from deployd.models import Acquired, Busy, Deployment, Outcome, Purpose, Takeover
 from deployd.stores import create_store
+from deployd.stores import firestore as firestore_module
 from deployd.stores.firestore import EMULATOR_PROJECT, FirestoreStore, resolve_project
 from deployd.stores.firestore_documents import version_of
 
@@ -316,6 +317,192 @@ async def test_rpc_cost_of_each_operation(open_store: OpenStore, proxy: TcpProxy
         "force_unlock": (2, 2),
         "record_deployment": (2, 2),
     }
+
+
+# --- a grant from what the store remembers ---
+
+
+async def _grant_and_release(store: FirestoreStore, holder: str) -> None:
+    lease = await expect_grant(store, holder)
+    assert await store.release(lease, Outcome.from_exit_code(0))
+
+
+async def test_acquire_after_own_release_costs_one_rpc(
+    open_store: OpenStore, proxy: TcpProxy, raw_client: AsyncClient
+) -> None:
+    store = await open_store(emulator_host=proxy.address)
+    await _grant_and_release(store, ANA)
+
+    result, cost = await _measure(store, proxy, store.try_acquire(make_request(BEN)))
+
+    assert cost == (1, 1)
+    assert isinstance(result, Acquired)
+    assert result.lease.token == 2
+    assert [(record.token, record.session_id) for record in await store.history("api")] == [
+        (2, BEN),
+        (1, ANA),
+    ]
+    # The commit's checks created no queue or freeze document.
+    for collection in ("queues", "freezes"):
+        documents = raw_client.collection("deployd", store.namespace, collection)
+        assert [snapshot async for snapshot in documents.stream()] == []
+
+
+async def test_acquire_after_queue_emptied_costs_one_rpc(
+    open_store: OpenStore, proxy: TcpProxy, raw_client: AsyncClient
+) -> None:
+    store = await open_store(emulator_host=proxy.address)
+    holder = await expect_grant(store, ANA)
+    await store.enqueue("api", "ben-wait", owner_of(BEN), Purpose(), TTL)
+    await store.release(holder, Outcome.from_exit_code(0))
+    waiter = await expect_grant(store, BEN, waiter_id="ben-wait")
+    await store.release(waiter, Outcome.from_exit_code(0))
+    queue = raw_client.document("deployd", store.namespace, "queues", "api")
+    before = (await queue.get()).update_time
+
+    result, cost = await _measure(store, proxy, store.try_acquire(make_request(CARA)))
+
+    assert isinstance(result, Acquired)
+    assert cost == (1, 1)
+    assert result.lease.token == 3
+    # The check of the empty queue document left it as it was.
+    assert (await queue.get()).update_time == before
+
+
+async def test_lock_changed_by_other_daemon_is_read_first(
+    open_store: OpenStore, proxy: TcpProxy
+) -> None:
+    store = await open_store(emulator_host=proxy.address)
+    other = await open_store()
+    await _grant_and_release(store, ANA)
+    await _grant_and_release(other, BEN)
+
+    first, first_cost = await _measure(store, proxy, store.try_acquire(make_request(CARA)))
+    await store.release(first.lease, Outcome.from_exit_code(0))
+    second, second_cost = await _measure(store, proxy, store.try_acquire(make_request(DAVE)))
+
+    # The commit on the version this store remembered failed, a read found
+    # the lock free at BEN's release, and a commit on that version granted it.
+    # The next grant of the shared lock read first.
+    assert first_cost == (3, 3)
+    assert isinstance(first, Acquired)
+    assert first.lease.token == 3
+    assert second_cost == (2, 2)
+    assert isinstance(second, Acquired)
+    assert second.lease.token == 4
+
+
+async def test_shared_lock_is_remembered_again_after_pause(
+    open_store: OpenStore, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(firestore_module, "SHARED_LOCK_PAUSE", 0.0)
+    store = await open_store(emulator_host=proxy.address)
+    other = await open_store()
+    await _grant_and_release(store, ANA)
+    await _grant_and_release(other, BEN)
+    await _grant_and_release(store, CARA)
+
+    result, cost = await _measure(store, proxy, store.try_acquire(make_request(DAVE)))
+
+    assert cost == (1, 1)
+    assert isinstance(result, Acquired)
+    assert result.lease.token == 4
+
+
+async def test_acquire_after_own_release_finds_holder(
+    open_store: OpenStore, proxy: TcpProxy
+) -> None:
+    store = await open_store(emulator_host=proxy.address)
+    other = await open_store()
+    await _grant_and_release(store, ANA)
+    ben = await expect_grant(other, BEN)
+
+    busy, cost = await _measure(store, proxy, store.try_acquire(make_request(CARA)))
+
+    assert cost == (2, 2)
+    assert isinstance(busy, Busy)
+    assert busy.state.lease is not None
+    assert busy.state.lease.holder == BEN
+    assert busy.state.lease.token == ben.token
+    assert ben.token == 2
+
+
+async def test_acquire_after_release_respects_new_waiter(
+    open_store: OpenStore, proxy: TcpProxy
+) -> None:
+    store = await open_store(emulator_host=proxy.address)
+    other = await open_store()
+    await _grant_and_release(store, ANA)
+    await other.enqueue("api", "ben-wait", owner_of(BEN), Purpose(), TTL)
+
+    busy, cost = await _measure(store, proxy, store.try_acquire(make_request(CARA)))
+    granted = await other.try_acquire(make_request(BEN, waiter_id="ben-wait"))
+
+    assert cost == (2, 2)
+    assert isinstance(busy, Busy)
+    assert busy.queued_ahead == 1
+    assert isinstance(granted, Acquired)
+    assert granted.lease.token == 2
+
+
+@pytest.mark.parametrize("scope", ["api", "*"], ids=["the lock", "all locks"])
+async def test_acquire_after_release_respects_new_freeze(
+    open_store: OpenStore, proxy: TcpProxy, scope: str
+) -> None:
+    store = await open_store(emulator_host=proxy.address)
+    other = await open_store()
+    await _grant_and_release(store, ANA)
+    await other.freeze(scope, "release freeze", owner_of(CARA), None)
+
+    busy, cost = await _measure(store, proxy, store.try_acquire(make_request(BEN)))
+    await other.unfreeze(scope)
+    granted = await store.try_acquire(make_request(BEN))
+
+    assert cost == (2, 2)
+    assert isinstance(busy, Busy)
+    assert busy.state.frozen is not None
+    assert busy.state.frozen.scope == scope
+    assert isinstance(granted, Acquired)
+    assert granted.lease.token == 2
+
+
+async def test_acquire_after_release_with_lost_reply_is_granted_once(
+    open_store: OpenStore, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="deployd.store.firestore")
+    store = await open_store(emulator_host=proxy.address, timeout=TIMEOUT * 5)
+    observer = await open_store()
+    await _grant_and_release(store, ANA)
+    request = make_request(BEN)
+    proxy.lose_reply(1)  # the commit: no read comes before it
+
+    result = await store.try_acquire(request)
+
+    state = await observer.inspect("api")
+    assert proxy.lost_replies == 1
+    assert isinstance(result, Acquired)
+    assert result.lease.acquisition_id == request.acquisition_id
+    assert result.lease.token == 2
+    assert state.lease is not None
+    assert state.lease.acquisition_id == request.acquisition_id
+    assert [record.token for record in await observer.history("api")] == [2, 1]
+
+
+async def test_renewal_after_unread_grant_costs_one_rpc(
+    open_store: OpenStore, proxy: TcpProxy
+) -> None:
+    store = await open_store(emulator_host=proxy.address)
+    await _grant_and_release(store, ANA)
+    lease = await expect_grant(store, BEN)
+
+    renewed, cost = await _measure(store, proxy, store.renew(lease))
+    released, release_cost = await _measure(
+        store, proxy, store.release(renewed, Outcome.from_exit_code(0))
+    )
+
+    assert cost == (1, 1)
+    assert released
+    assert release_cost == (1, 1)
 
 
 # --- expiry by real server time ---

@@ -29,6 +29,7 @@ from deployd.stores.firestore_documents import (
     replaced_record_fields,
 )
 from deployd.stores.firestore_writes import (
+    absent_write,
     create_write,
     encode_value,
     merge_write,
@@ -152,6 +153,11 @@ def test_merge_write_equals_library(
     ours = merge_write(document_path, fields())
     library = _helpers.pbs_for_set_with_merge(document_path, fields(), True)[0]
     assert same_message(ours, library)
+
+
+def test_absent_write_equals_library_delete_on_absence(document_path: str) -> None:
+    library = _helpers.pb_for_delete(document_path, _helpers.ExistsOption(exists=False))
+    assert same_message(absent_write(document_path), library)
 
 
 VALUES: list[tuple[str, Any]] = [

@@ -3,14 +3,17 @@
 The documents and their fields are described in ``firestore_documents``.
 
 Every change is one write with a precondition, or one atomic batch of such
-writes, never a read-modify-write transaction. The writes of grants,
-renewals and releases are built by ``firestore_writes``. A grant reads the lock and
-queue documents in one call. It then commits one batch, which creates the lock
-document or updates it on the precondition of the update time it was read at,
-removes the caller's waiter entry and writes the deployment records. The
-fencing token grows by a server-side increment, and the precondition makes its
-result known in advance. Renewals and releases update the lock document on
-the update time that this store last read or wrote.
+writes, never a read-modify-write transaction. The writes of grants, renewals
+and releases are built by ``firestore_writes``. A grant reads the lock, queue
+and freeze documents in one call. It then commits one batch, which creates
+the lock document or updates it on the precondition of the update time it
+was read at, removes the caller's waiter entry and writes the deployment
+records. When this store released the lock last, the grant commits without
+the read, and writes in the same batch that change nothing check that no
+other daemon has changed the lock since (``_FreeLock``). The fencing token
+grows by a server-side increment, and the precondition makes its result
+known in advance. Renewals and releases update the lock document on the
+update time that this store last read or wrote.
 
 Expiry is judged by server time only: a lease is expired when the read time
 of the snapshot is at least its update time plus the TTL stored in the lease.
@@ -70,9 +73,12 @@ from deployd.models import (
 from deployd.stores.base import LeaseStore
 from deployd.stores.firestore_documents import (
     ROOT_COLLECTION,
+    LockDocument,
     LockRead,
+    QueueDocument,
     ServerClock,
     UnixServerClock,
+    WaiterEntry,
     deployment_id,
     document_id,
     finished_record_fields,
@@ -97,7 +103,7 @@ from deployd.stores.firestore_documents import (
     waiter_path,
     written_timestamp,
 )
-from deployd.stores.firestore_writes import create_write, merge_write, update_write
+from deployd.stores.firestore_writes import absent_write, create_write, merge_write, update_write
 from deployd.stores.sqlite import decide_grant, freeze_passed_detail
 
 if TYPE_CHECKING:
@@ -141,6 +147,10 @@ _RETRYABLE_ERRORS = (
     api_exceptions.ResourceExhausted,
     api_exceptions.Aborted,
 )
+# Seconds for which a lock's grants read first after another daemon changed the
+# lock under a grant without a read. Such a lock is likely to change hands
+# again, and each failed commit costs one round trip more than a read.
+SHARED_LOCK_PAUSE = 3600.0
 # Errors of a write whose precondition failed: another write came first, or an
 # earlier attempt of the same write applied.
 _CONFLICT_ERRORS = (api_exceptions.FailedPrecondition, api_exceptions.AlreadyExists)
@@ -191,8 +201,12 @@ class FirestoreStore(LeaseStore):
     ``wall`` is read only for ``server_time()``.
 
     ``rpc_count`` counts the RPC attempts this store has started, the library's
-    retries included. An uncontended grant costs two: one read of the lock and
-    queue documents and one commit.
+    retries included. An uncontended grant costs two: one read of the lock,
+    queue and freeze documents and one commit. It costs one, the commit, when
+    this store released the lock last and saw no waiter and no freeze then; the
+    commit's preconditions check that nothing has changed since (see
+    ``_FreeLock``). If something has, that grant costs three, and the lock's
+    grants read first for SHARED_LOCK_PAUSE seconds.
     """
 
     kind = "firestore"
@@ -220,6 +234,12 @@ class FirestoreStore(LeaseStore):
         # read or wrote. A renewal or release of exactly that lease may write on
         # that version without reading first.
         self._known_leases: dict[str, _KnownLease] = {}
+        # The quiet locks: no queue entry and no freeze document when this object
+        # last read or wrote them. Of those, the locks that it released since.
+        self._quiet: dict[str, _Quiet] = {}
+        self._free_locks: dict[str, _FreeLock] = {}
+        # The anyio.current_time() at which each shared lock may again be granted without a read.
+        self._shared_until: dict[str, float] = {}
 
     @classmethod
     def from_config(cls, config: Config) -> FirestoreStore:
@@ -287,7 +307,15 @@ class FirestoreStore(LeaseStore):
 
     async def try_acquire(self, request: LeaseRequest) -> Acquired | Busy:
         deadline = self._deadline()
-        read = await self._read_lock(request.lock, deadline, "try_acquire")
+        free = self._free_locks.pop(request.lock, None)
+        if free is not None and anyio.current_time() < self._shared_until.get(request.lock, 0.0):
+            free = None
+        if free is None:
+            read = await self._read_lock(request.lock, deadline, "try_acquire")
+        else:
+            acquired, read = await self._grant_remembered(request, free, deadline)
+            if acquired is not None:
+                return acquired
         while True:
             current = read.lock.lease
             if current is not None and current.holder == request.holder:
@@ -311,9 +339,56 @@ class FirestoreStore(LeaseStore):
                     return Acquired(lease, decision, replaced)
                 self._raise_unless_retryable(failure, deadline, "try_acquire", request.lock)
 
+    async def _grant_remembered(
+        self, request: LeaseRequest, free: _FreeLock, deadline: float
+    ) -> tuple[Acquired | None, LockRead]:
+        """Grant a lock that this store released last, on what ``free`` remembers, without a read.
+
+        When another daemon has changed the lock, its queue or a freeze since,
+        the commit fails on a precondition. The lock then counts as shared for
+        SHARED_LOCK_PAUSE seconds, in which its grants read first, and the
+        grant goes on from a read. Returns the grant and ``free``'s read, or
+        None and the new read.
+        """
+        remembered = free.read(request.lock)
+        try:
+            acquired = await self._grant(request, remembered, Takeover.FREE, deadline, free)
+            return acquired, remembered
+        except _RpcFailed as failure:
+            if failure.conflict:
+                self._shared_until[request.lock] = anyio.current_time() + SHARED_LOCK_PAUSE
+                logger.debug(
+                    "lock %s changed since this daemon released it; its grants read first "
+                    "for the next %gs",
+                    request.lock,
+                    SHARED_LOCK_PAUSE,
+                )
+                # If an earlier attempt of this commit applied, the read shows it.
+                read = await self._read_lock(request.lock, self._deadline(), "try_acquire")
+                return None, read
+
+            # The commit may have applied: decide by its acquisition id, as a
+            # grant after a read does.
+            read, _ = await self._read_after_failure(failure, "grant", request.lock, request.holder)
+            lease = read.lock.lease
+            if lease is not None and _is_same_grant(lease, request):
+                _log_applied_before_error("grant", request.lock, request.holder)
+                return Acquired(lease, Takeover.FREE, None), read
+            raise self._unavailable(failure, "try_acquire", request.lock) from failure.error
+
     async def _grant(
-        self, request: LeaseRequest, read: LockRead, takeover: Takeover, deadline: float
+        self,
+        request: LeaseRequest,
+        read: LockRead,
+        takeover: Takeover,
+        deadline: float,
+        free: _FreeLock | None = None,
     ) -> Acquired:
+        """Commit a grant of ``request`` on ``read``.
+
+        With ``free``, ``read`` was not read but remembered, and the commit
+        checks that the queue and freeze documents are as ``free`` says.
+        """
         batch = self._require_client("try_acquire").batch()
         token = read.lock.token + 1
         fields = lease_fields(request)
@@ -338,6 +413,8 @@ class FirestoreStore(LeaseStore):
             batch.update(
                 self._queue_reference(request.lock), {waiter_path(entry.key): DELETE_FIELD}
             )
+        elif free is not None:
+            _add_writes(batch, *self._quiet_checks(request.lock, free.quiet))
 
         replaced = read.lock.lease
         if replaced is not None:
@@ -362,8 +439,57 @@ class FirestoreStore(LeaseStore):
         with self._rpc(deadline) as options:
             results = await batch.commit(**options)
         lease = self._granted_lease(request, token, results[0])
+        self._free_locks.pop(request.lock, None)
+        if free is None:
+            queue_version = version_of(results[1].update_time) if entry is not None else None
+            self._note_quiet(request.lock, read, queue_version, exclude=entry)
         _log_grant(lease, takeover, replaced, request)
         return Acquired(lease, takeover, replaced)
+
+    def _quiet_checks(self, lock: str, quiet: _Quiet) -> list[Write]:
+        """Return writes that change nothing and fail unless the lock is still ``quiet``."""
+        queue_path = _document_path(self._queue_reference(lock))
+        checks = [
+            # Writing the name that the queue document holds leaves it as it is,
+            # so its update time stays ``quiet.queue_version``.
+            update_write(queue_path, {"name": lock}, quiet.queue_version)
+            if quiet.queue_version is not None
+            else absent_write(queue_path)
+        ]
+        for scope in (lock, ALL_LOCKS):
+            checks.append(absent_write(_document_path(self._freeze_reference(scope))))
+        return checks
+
+    def _note_quiet(
+        self,
+        lock: str,
+        read: LockRead,
+        queue_version: str | None = None,
+        exclude: WaiterEntry | None = None,
+    ) -> None:
+        """Remember whether ``lock`` is quiet as ``read`` shows it.
+
+        ``queue_version`` is the queue document's version after a write that
+        removed the entry ``exclude``.
+        """
+        entries = [entry for entry in read.queue.entries if entry is not exclude]
+        if entries or not read.freeze_documents_missing:
+            self._quiet.pop(lock, None)
+            self._free_locks.pop(lock, None)
+            return
+        quiet = _Quiet(queue_version or read.queue.version)
+        self._quiet[lock] = quiet
+        if read.lock.lease is None and read.lock.version is not None:
+            self._free_locks[lock] = _FreeLock(read.lock.version, read.lock.token, quiet)
+
+    def _forget_quiet(self, lock: str | None = None) -> None:
+        """Forget what this object remembers of ``lock``'s queue and freezes, or of every lock's."""
+        if lock is None:
+            self._quiet.clear()
+            self._free_locks.clear()
+        else:
+            self._quiet.pop(lock, None)
+            self._free_locks.pop(lock, None)
 
     def _granted_lease(self, request: LeaseRequest, token: int, result: WriteResult) -> Lease:
         self._note_server_time(result.update_time)
@@ -475,6 +601,10 @@ class FirestoreStore(LeaseStore):
             results = await batch.commit(**options)
         self._note_server_time(results[0].update_time)
         self._known_leases.pop(lease.lock, None)
+        quiet = self._quiet.get(lease.lock)
+        if quiet is not None:
+            version = version_of(results[0].update_time)
+            self._free_locks[lease.lock] = _FreeLock(version, lease.token, quiet)
         logger.debug(
             "released lock %s by %s (token %d, %s)",
             lease.lock,
@@ -534,6 +664,7 @@ class FirestoreStore(LeaseStore):
             results = await batch.commit(**options)
         self._note_server_time(results[0].update_time)
         self._known_leases.pop(previous.lock, None)
+        self._forget_quiet(previous.lock)
         logger.info(
             "force-unlocked lock %s held by %s (token %d) for %s: %s",
             previous.lock,
@@ -586,6 +717,7 @@ class FirestoreStore(LeaseStore):
     # --- reads ---
 
     async def freeze(self, scope: str, reason: str, by: Owner, until: float | None) -> Freeze:
+        self._forget_quiet()
         freeze = Freeze(scope, reason, f"{by.user}@{by.host}", self._wall(), until)
         deadline = self._deadline()
         try:
@@ -599,6 +731,7 @@ class FirestoreStore(LeaseStore):
         return dataclasses.replace(freeze, at=self._clock.seconds(result.update_time))
 
     async def unfreeze(self, scope: str) -> Freeze | None:
+        self._forget_quiet()
         deadline = self._deadline()
         reference = self._freeze_reference(scope)
         snapshots = await self._get_documents([reference], deadline, "unfreeze", scope)
@@ -722,6 +855,7 @@ class FirestoreStore(LeaseStore):
                     updates, option=self._precondition(read.queue.version), **options
                 )
 
+        self._forget_quiet(lock)
         self._note_server_time(result.update_time)
         heartbeat = written_timestamp(result)
         enqueued = entry.enqueued if refresh and entry is not None else heartbeat
@@ -732,6 +866,7 @@ class FirestoreStore(LeaseStore):
         return Waiter(lock, waiter_id, owner, purpose, self._clock.seconds(enqueued), ttl - age)
 
     async def dequeue(self, lock: str, waiter_id: str) -> None:
+        self._forget_quiet(lock)
         reference = self._queue_reference(lock)
         try:
             with self._rpc(self._deadline()) as options:
@@ -785,8 +920,14 @@ class FirestoreStore(LeaseStore):
             if (freeze := parse_freeze(snapshots.get(reference.path), self._clock)) is not None
         ]
         frozen = applicable_freeze(freezes, lock, self._clock.seconds(lock_snapshot.read_time))
+        missing = not any(
+            (snapshot := snapshots.get(reference.path)) is not None and snapshot.exists
+            for reference in freeze_references
+        )
+        read = LockRead(lock_document, queue_document, frozen, freeze_documents_missing=missing)
         self._remember_lease_of(lock, lock_document.lease)
-        return LockRead(lock_document, queue_document, frozen), snapshots
+        self._note_quiet(lock, read)
+        return read, snapshots
 
     async def _read_after_failure(
         self,
@@ -990,6 +1131,38 @@ class FirestoreStore(LeaseStore):
 
     def _deployment_reference(self, lock: str, token: int) -> AsyncDocumentReference:
         return self._collection("deployments").document(deployment_id(lock, token))
+
+
+@dataclass(frozen=True, slots=True)
+class _Quiet:
+    """A lock whose queue had no entry and which had no freeze document, as last seen.
+
+    ``queue_version`` is the queue document's version then, or None when it was missing.
+    """
+
+    queue_version: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _FreeLock:
+    """A quiet lock that was free at lock document version ``version``.
+
+    A grant of it needs no read: it commits on that version, and checks in
+    the same commit, with writes that change nothing, that the queue document
+    is still at its version (or missing) and both freeze documents are still
+    missing. If another daemon has changed any of them, the commit fails on a
+    precondition and the grant reads the lock as usual.
+    """
+
+    version: str
+    token: int
+    quiet: _Quiet
+
+    def read(self, lock: str) -> LockRead:
+        """Return the read that the lock's documents would give if nothing has changed."""
+        document = LockDocument(lock, self.token, None, self.version, renewal_id=None)
+        queue = QueueDocument(self.quiet.queue_version, ())
+        return LockRead(document, queue, None, freeze_documents_missing=True)
 
 
 @dataclass(frozen=True, slots=True)

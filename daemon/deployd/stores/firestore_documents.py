@@ -139,11 +139,16 @@ class QueueDocument:
 
 @dataclass(frozen=True, slots=True)
 class LockRead:
-    """The lock and queue documents of one lock, read in one call, and its freeze if any."""
+    """The lock and queue documents of one lock, read in one call, and its freeze if any.
+
+    ``freeze_documents_missing`` is true when neither the lock's freeze
+    document nor the one for all locks existed, expired freezes included.
+    """
 
     lock: LockDocument
     queue: QueueDocument
     frozen: Freeze | None = None
+    freeze_documents_missing: bool = False
 
     @property
     def state(self) -> LockState:

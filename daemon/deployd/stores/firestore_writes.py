@@ -162,6 +162,16 @@ def merge_write(path: str, fields: Mapping[str, Any]) -> write.Write:
     return _wrap(message)
 
 
+def absent_write(path: str) -> write.Write:
+    """Return a delete of document ``path`` on the precondition that it does not exist.
+
+    It changes nothing. In a batch it makes the commit fail with AlreadyExists
+    when the document exists, so a commit can depend on a document's absence.
+    """
+    message = _Write(delete=path, current_document=common.Precondition.pb()(exists=False))
+    return _wrap(message)
+
+
 def _wrap(message: Any) -> write.Write:
     """Return the proto-plus Write around ``message``, without copying it, as batches hold them."""
     wrapped: write.Write = write.Write.wrap(message)
