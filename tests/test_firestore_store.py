@@ -322,8 +322,8 @@ async def test_rpc_cost_of_each_operation(open_store: OpenStore, proxy: TcpProxy
 # --- a grant from what the store remembers ---
 
 
-async def _grant_and_release(store: FirestoreStore, holder: str) -> None:
-    lease = await expect_grant(store, holder)
+async def _grant_and_release(store: FirestoreStore, holder: str, lock: str = "api") -> None:
+    lease = await expect_grant(store, holder, lock)
     assert await store.release(lease, Outcome.from_exit_code(0))
 
 
@@ -427,6 +427,60 @@ async def test_acquire_after_own_release_finds_holder(
     assert ben.token == 2
 
 
+async def test_grant_after_read_is_not_remembered_free(
+    open_store: OpenStore, proxy: TcpProxy
+) -> None:
+    store = await open_store(emulator_host=proxy.address)
+    other = await open_store()
+    await _grant_and_release(other, ANA)
+    ben = await expect_grant(store, BEN)  # this grant reads, and finds the lock free
+
+    busy, busy_cost = await _measure(store, proxy, store.try_acquire(make_request(CARA)))
+    await store.release(ben, Outcome.from_exit_code(0))
+    granted, granted_cost = await _measure(store, proxy, store.try_acquire(make_request(DAVE)))
+
+    # A read found BEN's lease: no commit on the version from before BEN's grant.
+    assert busy_cost == (1, 1)
+    assert isinstance(busy, Busy)
+    assert granted_cost == (1, 1)
+    assert isinstance(granted, Acquired)
+    assert granted.lease.token == 3
+
+
+async def test_grant_removes_expired_waiter_entries(
+    open_store: OpenStore, proxy: TcpProxy, raw_client: AsyncClient
+) -> None:
+    store = await open_store(emulator_host=proxy.address)
+    other = await open_store()
+    await other.enqueue("api", "ben-wait", owner_of(BEN), Purpose(), SHORT_TTL)
+    await anyio.sleep(SHORT_TTL + EXPIRY_MARGIN)
+
+    await _grant_and_release(store, CARA)
+    granted, cost = await _measure(store, proxy, store.try_acquire(make_request(DAVE)))
+
+    queue = await raw_client.document("deployd", store.namespace, "queues", "api").get()
+    assert queue.get("waiters") == {}
+    # With the expired entry gone, the lock was quiet again after CARA's release.
+    assert cost == (1, 1)
+    assert isinstance(granted, Acquired)
+    assert granted.lease.token == 2
+
+
+async def test_grant_keeps_live_waiter_entries(open_store: OpenStore) -> None:
+    store = await open_store()
+    other = await open_store()
+    await other.enqueue("api", "ben-wait", owner_of(BEN), Purpose(), SHORT_TTL)
+    await other.enqueue("api", "cara-wait", owner_of(CARA), Purpose(), TTL)
+    await other.enqueue("api", "dave-wait", owner_of(DAVE), Purpose(), TTL)
+    await anyio.sleep(SHORT_TTL + EXPIRY_MARGIN)
+
+    granted = await store.try_acquire(make_request(CARA, waiter_id="cara-wait"))
+    state = await store.inspect("api")
+
+    assert isinstance(granted, Acquired)
+    assert [waiter.waiter_id for waiter in state.waiters] == ["dave-wait"]
+
+
 async def test_acquire_after_release_respects_new_waiter(
     open_store: OpenStore, proxy: TcpProxy
 ) -> None:
@@ -466,7 +520,7 @@ async def test_acquire_after_release_respects_new_freeze(
     assert granted.lease.token == 2
 
 
-async def test_acquire_after_release_with_lost_reply_is_granted_once(
+async def test_unread_grant_with_lost_reply(
     open_store: OpenStore, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="deployd.store.firestore")
@@ -767,8 +821,10 @@ async def test_blackholed_store_fails_each_call_within_deadline(
     store = await open_store(emulator_host=proxy.address, timeout=TIMEOUT)
     lease = await expect_grant(store, ANA)
     await store.enqueue("api", "ben-wait", owner_of(BEN), Purpose(), TTL)
+    await _grant_and_release(store, DAVE, lock="ops")
     calls: dict[str, Callable[[], Awaitable[Any]]] = {
         "try_acquire": lambda: store.try_acquire(make_request(BEN, lock="web")),
+        "try_acquire without a read": lambda: store.try_acquire(make_request(BEN, lock="ops")),
         "renew": lambda: store.renew(lease),
         "release": lambda: store.release(lease, Outcome.from_exit_code(0)),
         "inspect": lambda: store.inspect("api"),

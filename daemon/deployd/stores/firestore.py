@@ -8,7 +8,7 @@ and releases are built by ``firestore_writes``. A grant reads the lock, queue
 and freeze documents in one call. It then commits one batch, which creates
 the lock document or updates it on the precondition of the update time it
 was read at, removes the caller's waiter entry and writes the deployment
-records. When this store released the lock last, the grant commits without
+records. When this store last saw the lock free, the grant commits without
 the read, and writes in the same batch that change nothing check that no
 other daemon has changed the lock since (``_FreeLock``). The fencing token
 grows by a server-side increment, and the precondition makes its result
@@ -150,7 +150,11 @@ _RETRYABLE_ERRORS = (
 # Seconds for which a lock's grants read first after another daemon changed the
 # lock under a grant without a read. Such a lock is likely to change hands
 # again, and each failed commit costs one round trip more than a read.
+# NOTE: the hour is a guess, not measured on any team's deploys.
 SHARED_LOCK_PAUSE = 3600.0
+# The minimum share of the timeout for the read after a failed grant without a
+# read, when the commit has used up the grant's time.
+_DECIDING_READ_SHARE = 0.2
 # Errors of a write whose precondition failed: another write came first, or an
 # earlier attempt of the same write applied.
 _CONFLICT_ERRORS = (api_exceptions.FailedPrecondition, api_exceptions.AlreadyExists)
@@ -203,8 +207,8 @@ class FirestoreStore(LeaseStore):
     ``rpc_count`` counts the RPC attempts this store has started, the library's
     retries included. An uncontended grant costs two: one read of the lock,
     queue and freeze documents and one commit. It costs one, the commit, when
-    this store released the lock last and saw no waiter and no freeze then; the
-    commit's preconditions check that nothing has changed since (see
+    this store last saw the lock free, with no waiter and no freeze document.
+    The commit's preconditions check that nothing has changed since (see
     ``_FreeLock``). If something has, that grant costs three, and the lock's
     grants read first for SHARED_LOCK_PAUSE seconds.
     """
@@ -342,7 +346,7 @@ class FirestoreStore(LeaseStore):
     async def _grant_remembered(
         self, request: LeaseRequest, free: _FreeLock, deadline: float
     ) -> tuple[Acquired | None, LockRead]:
-        """Grant a lock that this store released last, on what ``free`` remembers, without a read.
+        """Grant a lock that this store last saw free, on what ``free`` remembers, without a read.
 
         When another daemon has changed the lock, its queue or a freeze since,
         the commit fails on a precondition. The lock then counts as shared for
@@ -358,7 +362,7 @@ class FirestoreStore(LeaseStore):
             if failure.conflict:
                 self._shared_until[request.lock] = anyio.current_time() + SHARED_LOCK_PAUSE
                 logger.debug(
-                    "lock %s changed since this daemon released it; its grants read first "
+                    "lock %s changed since this daemon last saw it free; its grants read first "
                     "for the next %gs",
                     request.lock,
                     SHARED_LOCK_PAUSE,
@@ -368,8 +372,14 @@ class FirestoreStore(LeaseStore):
                 return None, read
 
             # The commit may have applied: decide by its acquisition id, as a
-            # grant after a read does.
-            read, _ = await self._read_after_failure(failure, "grant", request.lock, request.holder)
+            # grant after a read does. The read gets what is left of the
+            # grant's time, and at least a fifth of the timeout, so that an
+            # unresponsive store fails this grant in about one timeout, like a
+            # grant whose first read fails.
+            floor = anyio.current_time() + self.timeout * _DECIDING_READ_SHARE
+            read, _ = await self._read_after_failure(
+                failure, "grant", request.lock, request.holder, deadline=max(deadline, floor)
+            )
             lease = read.lock.lease
             if lease is not None and _is_same_grant(lease, request):
                 _log_applied_before_error("grant", request.lock, request.holder)
@@ -387,7 +397,7 @@ class FirestoreStore(LeaseStore):
         """Commit a grant of ``request`` on ``read``.
 
         With ``free``, ``read`` was not read but remembered, and the commit
-        checks that the queue and freeze documents are as ``free`` says.
+        checks that the queue and freeze documents are as ``free`` describes.
         """
         batch = self._require_client("try_acquire").batch()
         token = read.lock.token + 1
@@ -409,10 +419,22 @@ class FirestoreStore(LeaseStore):
         _add_writes(batch, lock_write)
 
         entry = read.queue.entry(request.waiter_id) if request.waiter_id is not None else None
-        if entry is not None:
-            batch.update(
-                self._queue_reference(request.lock), {waiter_path(entry.key): DELETE_FIELD}
-            )
+        # The caller's entry goes, and so do expired entries, which would
+        # otherwise stay until the next waiter comes and keep every grant of
+        # the lock reading first.
+        removed = [other for other in read.queue.entries if other is entry or not other.live]
+        if removed:
+            removals = {waiter_path(other.key): DELETE_FIELD for other in removed}
+            queue_version = read.queue.version
+            if removed == [entry] or queue_version is None:
+                batch.update(self._queue_reference(request.lock), removals)
+            else:
+                # An expired entry that its waiter has just refreshed must stay.
+                batch.update(
+                    self._queue_reference(request.lock),
+                    removals,
+                    option=self._precondition(queue_version),
+                )
         elif free is not None:
             _add_writes(batch, *self._quiet_checks(request.lock, free.quiet))
 
@@ -439,10 +461,12 @@ class FirestoreStore(LeaseStore):
         with self._rpc(deadline) as options:
             results = await batch.commit(**options)
         lease = self._granted_lease(request, token, results[0])
-        self._free_locks.pop(request.lock, None)
         if free is None:
-            queue_version = version_of(results[1].update_time) if entry is not None else None
-            self._note_quiet(request.lock, read, queue_version, exclude=entry)
+            written_queue = version_of(results[1].update_time) if removed else None
+            self._note_quiet(request.lock, read, written_queue, removed)
+        # The lock may have been remembered as free, at the version it had
+        # before this grant took it.
+        self._free_locks.pop(request.lock, None)
         _log_grant(lease, takeover, replaced, request)
         return Acquired(lease, takeover, replaced)
 
@@ -450,8 +474,8 @@ class FirestoreStore(LeaseStore):
         """Return writes that change nothing and fail unless the lock is still ``quiet``."""
         queue_path = _document_path(self._queue_reference(lock))
         checks = [
-            # Writing the name that the queue document holds leaves it as it is,
-            # so its update time stays ``quiet.queue_version``.
+            # Writing the name that the queue document contains leaves it as it
+            # is, so its update time stays ``quiet.queue_version``.
             update_write(queue_path, {"name": lock}, quiet.queue_version)
             if quiet.queue_version is not None
             else absent_write(queue_path)
@@ -465,14 +489,14 @@ class FirestoreStore(LeaseStore):
         lock: str,
         read: LockRead,
         queue_version: str | None = None,
-        exclude: WaiterEntry | None = None,
+        removed: Sequence[WaiterEntry] = (),
     ) -> None:
         """Remember whether ``lock`` is quiet as ``read`` shows it.
 
         ``queue_version`` is the queue document's version after a write that
-        removed the entry ``exclude``.
+        removed the entries ``removed``.
         """
-        entries = [entry for entry in read.queue.entries if entry is not exclude]
+        entries = [entry for entry in read.queue.entries if entry not in removed]
         if entries or not read.freeze_documents_missing:
             self._quiet.pop(lock, None)
             self._free_locks.pop(lock, None)
@@ -936,14 +960,17 @@ class FirestoreStore(LeaseStore):
         lock: str,
         holder: str,
         references: Sequence[AsyncDocumentReference] = (),
+        deadline: float | None = None,
     ) -> tuple[LockRead, dict[str, DocumentSnapshot[Any]]]:
         """Read the lock again after a failed ``write``, to learn whether the write applied.
 
-        The read gets a deadline of its own, because the failed write may have
-        used up the whole of the operation's.
+        Without ``deadline``, the read gets a whole timeout of its own,
+        because the failed write may have used up the whole of the operation's.
         """
         _log_write_failure(write, lock, holder, failure)
-        return await self._read_lock_with(lock, references, self._deadline(), write)
+        if deadline is None:
+            deadline = self._deadline()
+        return await self._read_lock_with(lock, references, deadline, write)
 
     async def _get_documents(
         self,
@@ -1147,10 +1174,10 @@ class _Quiet:
 class _FreeLock:
     """A quiet lock that was free at lock document version ``version``.
 
-    A grant of it needs no read: it commits on that version, and checks in
-    the same commit, with writes that change nothing, that the queue document
-    is still at its version (or missing) and both freeze documents are still
-    missing. If another daemon has changed any of them, the commit fails on a
+    A grant of it needs no read: it commits on that version. Writes in the
+    same commit that change nothing check that the queue document is still at
+    its version (or missing) and that both freeze documents are still missing.
+    If another daemon has changed any of them, the commit fails on a
     precondition and the grant reads the lock as usual.
     """
 
