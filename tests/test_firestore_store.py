@@ -481,6 +481,67 @@ async def test_grant_keeps_live_waiter_entries(open_store: OpenStore) -> None:
     assert [waiter.waiter_id for waiter in state.waiters] == ["dave-wait"]
 
 
+async def test_waiter_queued_during_grant_keeps_place(
+    open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await open_store()
+    other = await open_store()
+    holder = await expect_grant(store, ANA)
+    await store.enqueue("api", "ben-wait", owner_of(BEN), Purpose(), TTL)
+    await store.release(holder, Outcome.from_exit_code(0))
+    grant = store._grant
+    queued: list[str] = []
+
+    async def queue_before_commit(*args: Any, **kwargs: Any) -> Acquired:
+        # CARA queues on another daemon between BEN's read and BEN's commit.
+        if not queued:
+            queued.append("cara-wait")
+            await other.enqueue("api", "cara-wait", owner_of(CARA), Purpose(), TTL)
+        return await grant(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_grant", queue_before_commit)
+    ben = await store.try_acquire(make_request(BEN, waiter_id="ben-wait"))
+    assert isinstance(ben, Acquired)
+    await store.release(ben.lease, Outcome.from_exit_code(0))
+
+    dave = await store.try_acquire(make_request(DAVE))
+    cara = await other.try_acquire(make_request(CARA, waiter_id="cara-wait"))
+
+    assert isinstance(dave, Busy)
+    assert dave.queued_ahead == 1
+    assert isinstance(cara, Acquired)
+    assert cara.lease.token == 3
+
+
+async def test_lost_race_at_deadline_still_commits(
+    open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timeout = 5.0
+    store = await open_store(timeout=timeout)
+    other = await open_store()
+    await _grant_and_release(store, ANA)
+    await _grant_and_release(other, BEN)
+    grant = store._grant
+
+    async def conflict_at_deadline(
+        request: Any, read: Any, takeover: Any, deadline: float, free: Any = None
+    ) -> Acquired:
+        try:
+            return await grant(request, read, takeover, deadline, free)
+        except Exception:
+            # The failed commit on the remembered version returns at the end
+            # of the grant's time.
+            if free is not None:
+                await anyio.sleep(max(0.0, deadline - anyio.current_time() - 0.01))
+            raise
+
+    monkeypatch.setattr(store, "_grant", conflict_at_deadline)
+    result = await store.try_acquire(make_request(CARA))
+
+    assert isinstance(result, Acquired)
+    assert result.lease.token == 3
+
+
 async def test_acquire_after_release_respects_new_waiter(
     open_store: OpenStore, proxy: TcpProxy
 ) -> None:

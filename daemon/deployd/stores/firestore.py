@@ -152,9 +152,9 @@ _RETRYABLE_ERRORS = (
 # again, and each failed commit costs one round trip more than a read.
 # NOTE: the hour is a guess, not measured on any team's deploys.
 SHARED_LOCK_PAUSE = 3600.0
-# The minimum share of the timeout for the read after a failed grant without a
-# read, when the commit has used up the grant's time.
-_DECIDING_READ_SHARE = 0.2
+# The minimum share of the timeout for a call that follows a failed one in the
+# same grant, when the failure has used up the grant's time.
+_FOLLOW_UP_SHARE = 0.2
 # Errors of a write whose precondition failed: another write came first, or an
 # earlier attempt of the same write applied.
 _CONFLICT_ERRORS = (api_exceptions.FailedPrecondition, api_exceptions.AlreadyExists)
@@ -244,6 +244,8 @@ class FirestoreStore(LeaseStore):
         self._free_locks: dict[str, _FreeLock] = {}
         # The anyio.current_time() at which each shared lock may again be granted without a read.
         self._shared_until: dict[str, float] = {}
+        # The newest version of each lock document that this object read or wrote.
+        self._newest_versions: dict[str, str] = {}
 
     @classmethod
     def from_config(cls, config: Config) -> FirestoreStore:
@@ -312,8 +314,12 @@ class FirestoreStore(LeaseStore):
     async def try_acquire(self, request: LeaseRequest) -> Acquired | Busy:
         deadline = self._deadline()
         free = self._free_locks.pop(request.lock, None)
-        if free is not None and anyio.current_time() < self._shared_until.get(request.lock, 0.0):
-            free = None
+        shared_until = self._shared_until.get(request.lock)
+        if shared_until is not None:
+            if anyio.current_time() < shared_until:
+                free = None
+            else:
+                del self._shared_until[request.lock]
         if free is None:
             read = await self._read_lock(request.lock, deadline, "try_acquire")
         else:
@@ -332,7 +338,9 @@ class FirestoreStore(LeaseStore):
 
             replaced = read.lock.lease
             try:
-                return await self._grant(request, read, decision, deadline)
+                # A commit after a lost race gets some time even when the
+                # race used up the grant's.
+                return await self._grant(request, read, decision, self._follow_up(deadline))
             except _RpcFailed as failure:
                 read, _ = await self._read_after_failure(
                     failure, "grant", request.lock, request.holder
@@ -376,9 +384,8 @@ class FirestoreStore(LeaseStore):
             # grant's time, and at least a fifth of the timeout, so that an
             # unresponsive store fails this grant in about one timeout, like a
             # grant whose first read fails.
-            floor = anyio.current_time() + self.timeout * _DECIDING_READ_SHARE
             read, _ = await self._read_after_failure(
-                failure, "grant", request.lock, request.holder, deadline=max(deadline, floor)
+                failure, "grant", request.lock, request.holder, deadline=self._follow_up(deadline)
             )
             lease = read.lock.lease
             if lease is not None and _is_same_grant(lease, request):
@@ -426,10 +433,13 @@ class FirestoreStore(LeaseStore):
         if removed:
             removals = {waiter_path(other.key): DELETE_FIELD for other in removed}
             queue_version = read.queue.version
-            if removed == [entry] or queue_version is None:
+            if queue_version is None:
                 batch.update(self._queue_reference(request.lock), removals)
             else:
-                # An expired entry that its waiter has just refreshed must stay.
+                # On the version read, so that the queue's version after this
+                # write is known to hold only the entries read: a waiter that
+                # queued meanwhile, or an expired entry just refreshed, makes
+                # the grant read again.
                 batch.update(
                     self._queue_reference(request.lock),
                     removals,
@@ -505,6 +515,21 @@ class FirestoreStore(LeaseStore):
         self._quiet[lock] = quiet
         if read.lock.lease is None and read.lock.version is not None:
             self._free_locks[lock] = _FreeLock(read.lock.version, read.lock.token, quiet)
+        else:
+            self._free_locks.pop(lock, None)
+
+    def _note_lock_version(self, lock: str, version: str | None) -> bool:
+        """Remember ``version`` of the lock document if it is the newest seen; return whether it is.
+
+        Versions have a fixed width, so their strings sort in time order. A
+        missing document is older than any.
+        """
+        newest = self._newest_versions.get(lock)
+        if newest is not None and (version is None or version < newest):
+            return False
+        if version is not None:
+            self._newest_versions[lock] = version
+        return True
 
     def _forget_quiet(self, lock: str | None = None) -> None:
         """Forget what this object remembers of ``lock``'s queue and freezes, or of every lock's."""
@@ -531,6 +556,7 @@ class FirestoreStore(LeaseStore):
             expires_in=request.ttl,
             version=version_of(result.update_time),
         )
+        self._note_lock_version(request.lock, lease.version)
         self._remember_lease(lease)
         return lease
 
@@ -573,6 +599,7 @@ class FirestoreStore(LeaseStore):
             expires_in=lease.ttl,
             version=version_of(result.update_time),
         )
+        self._note_lock_version(lease.lock, renewed.version)
         self._remember_lease(renewed)
         logger.debug("renewed lock %s for %s (token %d)", lease.lock, lease.holder, lease.token)
         return renewed
@@ -625,9 +652,10 @@ class FirestoreStore(LeaseStore):
             results = await batch.commit(**options)
         self._note_server_time(results[0].update_time)
         self._known_leases.pop(lease.lock, None)
+        version = version_of(results[0].update_time)
+        self._note_lock_version(lease.lock, version)
         quiet = self._quiet.get(lease.lock)
         if quiet is not None:
-            version = version_of(results[0].update_time)
             self._free_locks[lease.lock] = _FreeLock(version, lease.token, quiet)
         logger.debug(
             "released lock %s by %s (token %d, %s)",
@@ -688,6 +716,7 @@ class FirestoreStore(LeaseStore):
             results = await batch.commit(**options)
         self._note_server_time(results[0].update_time)
         self._known_leases.pop(previous.lock, None)
+        self._note_lock_version(previous.lock, version_of(results[0].update_time))
         self._forget_quiet(previous.lock)
         logger.info(
             "force-unlocked lock %s held by %s (token %d) for %s: %s",
@@ -949,8 +978,10 @@ class FirestoreStore(LeaseStore):
             for reference in freeze_references
         )
         read = LockRead(lock_document, queue_document, frozen, freeze_documents_missing=missing)
-        self._remember_lease_of(lock, lock_document.lease)
-        self._note_quiet(lock, read)
+        # A read that a write of this object overtook would remember old state.
+        if self._note_lock_version(lock, lock_document.version):
+            self._remember_lease_of(lock, lock_document.lease)
+            self._note_quiet(lock, read)
         return read, snapshots
 
     async def _read_after_failure(
@@ -1034,6 +1065,10 @@ class FirestoreStore(LeaseStore):
 
     def _deadline(self) -> float:
         return anyio.current_time() + self.timeout
+
+    def _follow_up(self, deadline: float) -> float:
+        """Return ``deadline``, or a later one that leaves _FOLLOW_UP_SHARE of the timeout."""
+        return max(deadline, anyio.current_time() + self.timeout * _FOLLOW_UP_SHARE)
 
     @contextlib.contextmanager
     def _rpc(self, deadline: float) -> Iterator[dict[str, Any]]:
