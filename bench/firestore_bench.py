@@ -76,6 +76,8 @@ LOCK = "bench-lock"
 TTL = 30.0
 # Acquires of each approach in (a) before timing starts.
 UNCONTENDED_WARMUP = 20
+# Acquires of each approach before timing starts, when (a) adds a round trip.
+ROUND_TRIP_WARMUP = 5
 # Maximum seconds that a daemon may take to respond to a request, far above any
 # expected latency.
 REQUEST_TIMEOUT = 30.0
@@ -112,6 +114,12 @@ class RpcCounter:
         """
         counts: dict[str, int] = json.loads(self._ask("methods"))
         return counts
+
+    def set_latency(self, seconds: float) -> None:
+        """Hold the first frame of each reply for ``seconds`` from now on; 0 ends that."""
+        answer = self._ask(f"latency {seconds}").strip()
+        if answer != "ok":
+            raise BenchError(f"rpc_counter.py did not take the latency: {answer}")
 
     def _ask(self, command: str) -> str:
         assert self.process.stdin is not None and self.process.stdout is not None
@@ -191,9 +199,9 @@ class DaemonLock:
 class AlternatingDaemonLock:
     """A lock that two daemons take in turn, as deploys from two workstations do.
 
-    ``acquire`` asks the first daemon. ``release`` releases it there, then lets
-    the second daemon hold and release the lock, so that every acquire finds
-    the lock last released by another daemon.
+    ``acquire`` requests the lock from the first daemon. ``release`` releases
+    it there, then lets the second daemon hold and release the lock, so that
+    every acquire finds the lock last released by another daemon.
     """
 
     def __init__(self, first: Daemon, second: Daemon) -> None:
@@ -338,8 +346,14 @@ AnyLock = DaemonLock | AlternatingDaemonLock | TransactionLock | StoreLock
 # --- (a) uncontended acquire ---
 
 
-async def uncontended(emulator: str, counter: RpcCounter, iterations: int) -> dict[str, Any]:
-    """Time acquires of a free lock by the daemon, the store alone and the transactions."""
+async def uncontended(
+    emulator: str, counter: RpcCounter, iterations: int, round_trip_ms: float
+) -> dict[str, Any]:
+    """Time acquires of a free lock by the daemon, the store alone and the transactions.
+
+    With ``round_trip_ms``, the approaches are timed again through the
+    counting proxy with that latency added to each RPC's reply.
+    """
     namespace = f"uncontended-{secrets.token_hex(4)}"
     with (
         firestore_daemon(emulator, namespace) as direct,
@@ -372,6 +386,15 @@ async def uncontended(emulator: str, counter: RpcCounter, iterations: int) -> di
             daemon_cpu = cpu_seconds(direct.pid) - cpu_before
             rpcs = await _count_uncontended(locks["counted"], counter, iterations // 5)
             parts = await _time_emulator_parts(clients["direct"], namespace, iterations)
+            with_round_trip: dict[str, list[float]] = {}
+            if round_trip_ms > 0:
+                counter.set_latency(round_trip_ms / 1000)
+                try:
+                    with_round_trip = await _time_uncontended(
+                        locks["counted"], iterations // 4, warmup=ROUND_TRIP_WARMUP
+                    )
+                finally:
+                    counter.set_latency(0.0)
         finally:
             for by_name in locks.values():
                 for lock in by_name.values():
@@ -383,6 +406,16 @@ async def uncontended(emulator: str, counter: RpcCounter, iterations: int) -> di
                 await close_client(client)
 
     medians = {name: summarize(values)["median"] for name, values in latencies.items()}
+    round_trip: dict[str, Any] = {"added_ms": round_trip_ms}
+    if with_round_trip:
+        slow = {name: summarize(values) for name, values in with_round_trip.items()}
+        round_trip["latency_ms"] = slow
+        round_trip["daemon_over_transaction_median"] = (
+            slow["daemon"]["median"] / slow["transaction"]["median"]
+        )
+        round_trip["daemon_in_turns_over_transaction_median"] = (
+            slow["daemon_in_turns"]["median"] / slow["transaction"]["median"]
+        )
     return {
         "iterations": iterations,
         "latency_ms": {name: summarize(values) for name, values in latencies.items()},
@@ -397,6 +430,7 @@ async def uncontended(emulator: str, counter: RpcCounter, iterations: int) -> di
         * 1000
         / (UNCONTENDED_WARMUP + iterations),
         "emulator_parts_ms": parts,
+        "with_round_trip": round_trip,
     }
 
 
@@ -444,8 +478,9 @@ async def _time_emulator_parts(client: Any, namespace: str, iterations: int) -> 
     return {name: summarize(values) for name, values in times.items()}
 
 
-async def _time_uncontended(locks: dict[str, AnyLock], iterations: int) -> dict[str, list[float]]:
-    warmup = UNCONTENDED_WARMUP
+async def _time_uncontended(
+    locks: dict[str, AnyLock], iterations: int, warmup: int = UNCONTENDED_WARMUP
+) -> dict[str, list[float]]:
     latencies: dict[str, list[float]] = {name: [] for name in locks}
     for iteration in range(warmup + iterations):
         # A shuffled order per iteration spreads the machine's busy moments over all of them.
@@ -950,6 +985,13 @@ def main() -> int:
     parser.add_argument(
         "--iterations", type=int, default=200, help="timed acquires per approach in (a) and (c)"
     )
+    parser.add_argument(
+        "--round-trip-ms",
+        type=float,
+        default=10.0,
+        help="milliseconds added to each RPC's reply when (a) times the approaches again "
+        "through the counting proxy, as a stand-in for a network round trip; 0 skips that",
+    )
     parser.add_argument("--contenders", type=int, default=20, help="contenders per round in (b)")
     parser.add_argument("--rounds", type=int, default=30, help="rounds per approach in (b)")
     parser.add_argument(
@@ -982,8 +1024,8 @@ def main() -> int:
         "estimate",
     )
     args = parser.parse_args()
-    if args.hold_seconds < 0 or args.wait_seconds < 0:
-        raise BenchError("--hold-seconds and --wait-seconds must not be negative")
+    if args.hold_seconds < 0 or args.wait_seconds < 0 or args.round_trip_ms < 0:
+        raise BenchError("--hold-seconds, --wait-seconds and --round-trip-ms must not be negative")
     if 0 < args.wait_seconds <= 2 * WAITER_EDGE:
         raise BenchError(f"--wait-seconds must be 0 or more than {2 * WAITER_EDGE:g}")
     check_installed_client()
@@ -999,7 +1041,9 @@ def main() -> int:
     load = background_load()
     with rpc_counter(args.emulator_host) as counter:
         print("== (a) uncontended acquire", flush=True)
-        uncontended_result = asyncio.run(uncontended(args.emulator_host, counter, args.iterations))
+        uncontended_result = asyncio.run(
+            uncontended(args.emulator_host, counter, args.iterations, args.round_trip_ms)
+        )
         print("== (b) contention", flush=True)
         contention_result = asyncio.run(contention(counter, args.contenders, args.rounds))
     print("== (c) deployd acquire, end to end", flush=True)

@@ -335,6 +335,7 @@ def firestore_section(data: dict[str, Any]) -> list[str]:
         "acquire and release.",
         "",
         *table(("approach", "median", "p95", "RPCs per acquire: mean (distinct)"), rows),
+        *_round_trip_lines(uncontended.get("with_round_trip", {})),
         f"(b) {contention['contenders']} contenders per round, {contention['rounds']} rounds "
         "each, through the RPC-counting proxy.",
         "",
@@ -368,6 +369,20 @@ SECTIONS = (
     ("firestore", firestore_section),
     ("daemon_profile", profile_section),
 )
+
+
+def _round_trip_lines(round_trip: dict[str, Any]) -> list[str]:
+    """Return the lines of (a) timed again with a round trip added, or none if it was skipped."""
+    latency = round_trip.get("latency_ms")
+    if not latency:
+        return []
+    medians = ", ".join(f"{name} {values['median']:.2f}" for name, values in latency.items())
+    return [
+        f"With {round_trip['added_ms']:g} ms added to each reply, medians in ms: {medians}; "
+        f"daemon / transaction {round_trip['daemon_over_transaction_median']:.2f}x, in turns "
+        f"{round_trip['daemon_in_turns_over_transaction_median']:.2f}x.",
+        "",
+    ]
 
 
 def main() -> None:

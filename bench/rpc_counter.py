@@ -9,7 +9,9 @@ For each line on stdin it prints one line:
 - ``methods``: a JSON object with the RPCs so far by kind (``commit``,
   ``batch_get``, ``query`` and ``other``), the documents that the batch gets
   asked for (``documents_read``) and the writes that the commits carried
-  (``writes``).
+  (``writes``);
+- ``latency SECONDS``: ``ok``, after which the first frame of each reply is
+  held for SECONDS, as a network round trip would delay it (0 ends that).
 
 It exits at the end of stdin. The proxy is tests/tcp_proxy.py, which counts
 one RPC per HTTP/2 stream that a client opens. The kind of an RPC comes from
@@ -182,6 +184,11 @@ def main(upstream: str) -> int:
                 print(proxy.requests, flush=True)
             elif command == "methods":
                 print(json.dumps(proxy.methods()), flush=True)
+            elif command.startswith("latency "):
+                proxy.reply_latency(float(command.split()[1]))
+                print("ok", flush=True)
+            else:
+                print(f"unknown command {command!r}", flush=True)
     return 0
 
 

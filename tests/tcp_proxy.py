@@ -8,6 +8,9 @@ and act on one exact request. Faults:
   the server has finished its reply. The server processes the request, and
   the client never receives the reply.
 - ``delay_replies(seconds)``: hold every frame from the server this long.
+- ``reply_latency(seconds)``: hold the first frame of each reply this long,
+  as a network round trip would delay it. Frames on one connection share a
+  thread, so RPCs sent side by side wait for each other.
 - ``blackhole()``: accept connections and forward nothing in either
   direction, so calls hang until their deadline.
 
@@ -39,6 +42,8 @@ class _Connection:
         self.client = client
         self.upstream = upstream
         self.highest_stream = 0
+        # The streams whose reply has started, for the reply latency.
+        self.replying_streams: set[int] = set()
         # The stream whose reply is lost; set when its request has been forwarded.
         self.lost_stream: int | None = None
         self.muted = threading.Event()
@@ -72,6 +77,7 @@ class TcpProxy:
         self._stopping = threading.Event()
         self._blackholed = False
         self._reply_delay = 0.0
+        self._reply_latency = 0.0
         self._lose_countdown: int | None = None
         self._blackhole_after_loss = False
         self.requests = 0
@@ -124,6 +130,11 @@ class TcpProxy:
         with self._lock:
             self._reply_delay = seconds
 
+    def reply_latency(self, seconds: float) -> None:
+        """Hold the first frame of each reply from now on for ``seconds``."""
+        with self._lock:
+            self._reply_latency = seconds
+
     def blackhole(self, enabled: bool = True) -> None:
         """Forward nothing while enabled; ending a blackhole closes every connection.
 
@@ -160,11 +171,15 @@ class TcpProxy:
 
             with self._lock:
                 blackholed = self._blackholed
+            # The proxy sends frame by frame. With Nagle's algorithm, a small
+            # frame after another could wait for the peer's delayed ACK.
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             upstream = None
             if not blackholed:
                 try:
                     upstream = socket.create_connection(self._upstream, timeout=5)
                     upstream.settimeout(None)
+                    upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 except OSError:
                     client.close()
                     continue
@@ -263,6 +278,11 @@ class TcpProxy:
 
         with self._lock:
             delay = self._reply_delay
+            latency = self._reply_latency
+        if latency > 0 and stream and stream not in connection.replying_streams:
+            # Only this connection's reply thread reads or changes the set.
+            connection.replying_streams.add(stream)
+            delay += latency
         if delay > 0:
             time.sleep(delay)
         connection.client.sendall(frame)
