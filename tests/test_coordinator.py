@@ -208,6 +208,20 @@ def test_waiter_positions_follow_queue() -> None:
     assert positions == {second.id: 1}
 
 
+def test_free_lock_with_waiters_names_count() -> None:
+    messages = {}
+    for ahead in (1, 2):
+        harness = Harness()
+        ticket = harness.ticket()
+        harness.coordinator.submit(ticket, now=0.0)
+        busy = Busy(LockState("api", 1, None), queued_ahead=ahead)
+        (refused,) = only(harness.coordinator.attempt_done(ticket, busy, 0.0, 0.0), Refuse)
+        messages[ahead] = str(refused.error)
+
+    assert "api is free but 1 waiter is queued for it" in messages[1]
+    assert "api is free but 2 waiters are queued for it" in messages[2]
+
+
 def test_busy_in_store_polls_until_free() -> None:
     harness = Harness()
     ticket = harness.ticket(wait=60.0)

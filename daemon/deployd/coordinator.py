@@ -928,8 +928,10 @@ class Coordinator:
         lease = result.state.lease
         if lease is not None and not lease.expired:
             return LockBusy(busy_message(result.state.lock, lease), result.state)
+        ahead = result.queued_ahead
+        waiters = "1 waiter is" if ahead == 1 else f"{ahead} waiters are"
         return LockBusy(
-            f"{result.state.lock} is free but {result.queued_ahead} waiter(s) are queued for it; "
+            f"{result.state.lock} is free but {waiters} queued for it; "
             "retry with --wait DURATION to queue behind them",
             result.state,
         )
