@@ -542,6 +542,97 @@ async def test_lost_race_at_deadline_still_commits(
     assert result.lease.token == 3
 
 
+async def test_waiter_grant_ignores_other_heartbeats(
+    open_store: OpenStore, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await open_store(emulator_host=proxy.address)
+    other = await open_store()
+    holder = await expect_grant(store, ANA)
+    await store.enqueue("api", "ben-wait", owner_of(BEN), Purpose(), TTL)
+    await other.enqueue("api", "cara-wait", owner_of(CARA), Purpose(), TTL)
+    await store.release(holder, Outcome.from_exit_code(0))
+    grant = store._grant
+
+    async def heartbeat_before_commit(*args: Any, **kwargs: Any) -> Acquired:
+        # CARA's daemon refreshes its entry between BEN's read and BEN's commit.
+        await other.enqueue("api", "cara-wait", owner_of(CARA), Purpose(), TTL)
+        return await grant(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_grant", heartbeat_before_commit)
+    ben, cost = await _measure(
+        store, proxy, store.try_acquire(make_request(BEN, waiter_id="ben-wait"))
+    )
+    state = await other.inspect("api")
+
+    # One read and one commit: the heartbeat did not fail the commit.
+    assert cost == (2, 2)
+    assert isinstance(ben, Acquired)
+    assert [waiter.waiter_id for waiter in state.waiters] == ["cara-wait"]
+
+
+async def test_overtaken_read_is_not_remembered(
+    open_store: OpenStore, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await open_store(emulator_host=proxy.address)
+    await _grant_and_release(store, ANA)
+    get_documents = store._get_documents
+    enqueued = anyio.Event()
+
+    async def slow_inspect(references: Any, deadline: float, operation: str, lock: str) -> Any:
+        snapshots = await get_documents(references, deadline, operation, lock)
+        if operation == "inspect":
+            # The status read returns only after this daemon queued a waiter.
+            await enqueued.wait()
+        return snapshots
+
+    monkeypatch.setattr(store, "_get_documents", slow_inspect)
+    async with anyio.create_task_group() as group:
+        group.start_soon(store.inspect, "api")
+        await anyio.sleep(0.2)
+        await store.enqueue("api", "ben-wait", owner_of(BEN), Purpose(), TTL)
+        enqueued.set()
+
+    busy, cost = await _measure(store, proxy, store.try_acquire(make_request(CARA)))
+
+    # A read, not a commit on what the overtaken read showed.
+    assert cost == (1, 1)
+    assert isinstance(busy, Busy)
+    assert busy.queued_ahead == 1
+
+
+async def test_grant_gives_up_within_twice_timeout(
+    open_store: OpenStore, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await open_store(emulator_host=proxy.address, timeout=TIMEOUT)
+    other = await open_store()
+    await _grant_and_release(store, ANA)
+    await _grant_and_release(other, BEN)
+    grant = store._grant
+
+    async def slow_after_conflict(
+        request: Any, read: Any, takeover: Any, deadline: float, free: Any = None
+    ) -> Acquired:
+        try:
+            return await grant(request, read, takeover, deadline, free)
+        except Exception:
+            if free is not None:
+                # The store turns slow just as the commit on the remembered
+                # version fails at the end of the grant's time.
+                proxy.reply_latency(0.9 * TIMEOUT)
+                await anyio.sleep(max(0.0, deadline - anyio.current_time() - 0.01))
+            raise
+
+    monkeypatch.setattr(store, "_grant", slow_after_conflict)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        await store.try_acquire(make_request(CARA))
+    elapsed = time.monotonic() - started
+    proxy.reply_latency(0.0)
+
+    # A loose bound: the grant's limit is twice the timeout.
+    assert elapsed < 2.5 * TIMEOUT
+
+
 async def test_acquire_after_release_respects_new_waiter(
     open_store: OpenStore, proxy: TcpProxy
 ) -> None:

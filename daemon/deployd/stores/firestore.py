@@ -244,8 +244,9 @@ class FirestoreStore(LeaseStore):
         self._free_locks: dict[str, _FreeLock] = {}
         # The anyio.current_time() at which each shared lock may again be granted without a read.
         self._shared_until: dict[str, float] = {}
-        # The newest version of each lock document that this object read or wrote.
-        self._newest_versions: dict[str, str] = {}
+        # The writes of lock, queue and freeze documents that this object has
+        # completed. A read that one of them overtook is not remembered.
+        self._writes = 0
 
     @classmethod
     def from_config(cls, config: Config) -> FirestoreStore:
@@ -313,6 +314,9 @@ class FirestoreStore(LeaseStore):
 
     async def try_acquire(self, request: LeaseRequest) -> Acquired | Busy:
         deadline = self._deadline()
+        # No call of this grant, retries and the reads that decide failed
+        # commits included, runs past twice the timeout.
+        limit = anyio.current_time() + 2 * self.timeout
         free = self._free_locks.pop(request.lock, None)
         shared_until = self._shared_until.get(request.lock)
         if shared_until is not None:
@@ -323,7 +327,7 @@ class FirestoreStore(LeaseStore):
         if free is None:
             read = await self._read_lock(request.lock, deadline, "try_acquire")
         else:
-            acquired, read = await self._grant_remembered(request, free, deadline)
+            acquired, read = await self._grant_remembered(request, free, deadline, limit)
             if acquired is not None:
                 return acquired
         while True:
@@ -340,10 +344,14 @@ class FirestoreStore(LeaseStore):
             try:
                 # A commit after a lost race gets some time even when the
                 # race used up the grant's.
-                return await self._grant(request, read, decision, self._follow_up(deadline))
+                return await self._grant(request, read, decision, self._follow_up(deadline, limit))
             except _RpcFailed as failure:
                 read, _ = await self._read_after_failure(
-                    failure, "grant", request.lock, request.holder
+                    failure,
+                    "grant",
+                    request.lock,
+                    request.holder,
+                    deadline=min(limit, self._deadline()),
                 )
                 lease = read.lock.lease
                 if lease is not None and _is_same_grant(lease, request):
@@ -352,7 +360,7 @@ class FirestoreStore(LeaseStore):
                 self._raise_unless_retryable(failure, deadline, "try_acquire", request.lock)
 
     async def _grant_remembered(
-        self, request: LeaseRequest, free: _FreeLock, deadline: float
+        self, request: LeaseRequest, free: _FreeLock, deadline: float, limit: float
     ) -> tuple[Acquired | None, LockRead]:
         """Grant a lock that this store last saw free, on what ``free`` remembers, without a read.
 
@@ -376,7 +384,9 @@ class FirestoreStore(LeaseStore):
                     SHARED_LOCK_PAUSE,
                 )
                 # If an earlier attempt of this commit applied, the read shows it.
-                read = await self._read_lock(request.lock, self._deadline(), "try_acquire")
+                read = await self._read_lock(
+                    request.lock, self._follow_up(deadline, limit), "try_acquire"
+                )
                 return None, read
 
             # The commit may have applied: decide by its acquisition id, as a
@@ -385,7 +395,11 @@ class FirestoreStore(LeaseStore):
             # unresponsive store fails this grant in about one timeout, like a
             # grant whose first read fails.
             read, _ = await self._read_after_failure(
-                failure, "grant", request.lock, request.holder, deadline=self._follow_up(deadline)
+                failure,
+                "grant",
+                request.lock,
+                request.holder,
+                deadline=self._follow_up(deadline, limit),
             )
             lease = read.lock.lease
             if lease is not None and _is_same_grant(lease, request):
@@ -429,17 +443,23 @@ class FirestoreStore(LeaseStore):
         # The caller's entry goes, and so do expired entries, which would
         # otherwise stay until the next waiter comes and keep every grant of
         # the lock reading first.
-        removed = [other for other in read.queue.entries if other is entry or not other.live]
+        others_live = any(other.live and other is not entry for other in read.queue.entries)
+        if others_live:
+            # Live waiters stay queued, so the lock is not quiet after this
+            # grant. Their heartbeats change the queue often, so the removal
+            # of the caller's entry carries no precondition.
+            removed = [entry] if entry is not None else []
+        else:
+            removed = [other for other in read.queue.entries if other is entry or not other.live]
         if removed:
             removals = {waiter_path(other.key): DELETE_FIELD for other in removed}
             queue_version = read.queue.version
-            if queue_version is None:
+            if others_live or queue_version is None:
                 batch.update(self._queue_reference(request.lock), removals)
             else:
-                # On the version read, so that the queue's version after this
-                # write is known to hold only the entries read: a waiter that
-                # queued meanwhile, or an expired entry just refreshed, makes
-                # the grant read again.
+                # On the version read, so that the queue is known to be empty
+                # after this write: a waiter that queued meanwhile, or an
+                # expired entry just refreshed, makes the grant read again.
                 batch.update(
                     self._queue_reference(request.lock),
                     removals,
@@ -518,19 +538,6 @@ class FirestoreStore(LeaseStore):
         else:
             self._free_locks.pop(lock, None)
 
-    def _note_lock_version(self, lock: str, version: str | None) -> bool:
-        """Remember ``version`` of the lock document if it is the newest seen; return whether it is.
-
-        Versions have a fixed width, so their strings sort in time order. A
-        missing document is older than any.
-        """
-        newest = self._newest_versions.get(lock)
-        if newest is not None and (version is None or version < newest):
-            return False
-        if version is not None:
-            self._newest_versions[lock] = version
-        return True
-
     def _forget_quiet(self, lock: str | None = None) -> None:
         """Forget what this object remembers of ``lock``'s queue and freezes, or of every lock's."""
         if lock is None:
@@ -556,7 +563,7 @@ class FirestoreStore(LeaseStore):
             expires_in=request.ttl,
             version=version_of(result.update_time),
         )
-        self._note_lock_version(request.lock, lease.version)
+        self._writes += 1
         self._remember_lease(lease)
         return lease
 
@@ -599,7 +606,7 @@ class FirestoreStore(LeaseStore):
             expires_in=lease.ttl,
             version=version_of(result.update_time),
         )
-        self._note_lock_version(lease.lock, renewed.version)
+        self._writes += 1
         self._remember_lease(renewed)
         logger.debug("renewed lock %s for %s (token %d)", lease.lock, lease.holder, lease.token)
         return renewed
@@ -652,8 +659,8 @@ class FirestoreStore(LeaseStore):
             results = await batch.commit(**options)
         self._note_server_time(results[0].update_time)
         self._known_leases.pop(lease.lock, None)
+        self._writes += 1
         version = version_of(results[0].update_time)
-        self._note_lock_version(lease.lock, version)
         quiet = self._quiet.get(lease.lock)
         if quiet is not None:
             self._free_locks[lease.lock] = _FreeLock(version, lease.token, quiet)
@@ -716,7 +723,7 @@ class FirestoreStore(LeaseStore):
             results = await batch.commit(**options)
         self._note_server_time(results[0].update_time)
         self._known_leases.pop(previous.lock, None)
-        self._note_lock_version(previous.lock, version_of(results[0].update_time))
+        self._writes += 1
         self._forget_quiet(previous.lock)
         logger.info(
             "force-unlocked lock %s held by %s (token %d) for %s: %s",
@@ -770,7 +777,6 @@ class FirestoreStore(LeaseStore):
     # --- reads ---
 
     async def freeze(self, scope: str, reason: str, by: Owner, until: float | None) -> Freeze:
-        self._forget_quiet()
         freeze = Freeze(scope, reason, f"{by.user}@{by.host}", self._wall(), until)
         deadline = self._deadline()
         try:
@@ -779,12 +785,13 @@ class FirestoreStore(LeaseStore):
         except _RpcFailed as failure:
             # A set is idempotent, so an ambiguous failure needs no re-read.
             raise self._unavailable(failure, "freeze", scope) from failure.error
+        self._writes += 1
+        self._forget_quiet()
         self._note_server_time(result.update_time)
         logger.info("froze %s for %s until %s: %s", scope, freeze.by, until, reason)
         return dataclasses.replace(freeze, at=self._clock.seconds(result.update_time))
 
     async def unfreeze(self, scope: str) -> Freeze | None:
-        self._forget_quiet()
         deadline = self._deadline()
         reference = self._freeze_reference(scope)
         snapshots = await self._get_documents([reference], deadline, "unfreeze", scope)
@@ -796,6 +803,8 @@ class FirestoreStore(LeaseStore):
                 await reference.delete(**options)
         except _RpcFailed as failure:
             raise self._unavailable(failure, "unfreeze", scope) from failure.error
+        self._writes += 1
+        self._forget_quiet()
         logger.info("unfroze %s", scope)
         return existing
 
@@ -908,6 +917,7 @@ class FirestoreStore(LeaseStore):
                     updates, option=self._precondition(read.queue.version), **options
                 )
 
+        self._writes += 1
         self._forget_quiet(lock)
         self._note_server_time(result.update_time)
         heartbeat = written_timestamp(result)
@@ -919,7 +929,6 @@ class FirestoreStore(LeaseStore):
         return Waiter(lock, waiter_id, owner, purpose, self._clock.seconds(enqueued), ttl - age)
 
     async def dequeue(self, lock: str, waiter_id: str) -> None:
-        self._forget_quiet(lock)
         reference = self._queue_reference(lock)
         try:
             with self._rpc(self._deadline()) as options:
@@ -933,6 +942,8 @@ class FirestoreStore(LeaseStore):
                 return
             raise self._unavailable(failure, "dequeue", lock) from failure.error
 
+        self._writes += 1
+        self._forget_quiet(lock)
         self._note_server_time(result.update_time)
         logger.debug("removed waiter %s of lock %s", waiter_id, lock)
 
@@ -957,6 +968,7 @@ class FirestoreStore(LeaseStore):
         lock_reference = self._lock_reference(lock)
         queue_reference = self._queue_reference(lock)
         freeze_references = [self._freeze_reference(lock), self._freeze_reference(ALL_LOCKS)]
+        writes_before = self._writes
         snapshots = await self._get_documents(
             [lock_reference, queue_reference, *freeze_references, *references],
             deadline,
@@ -979,7 +991,7 @@ class FirestoreStore(LeaseStore):
         )
         read = LockRead(lock_document, queue_document, frozen, freeze_documents_missing=missing)
         # A read that a write of this object overtook would remember old state.
-        if self._note_lock_version(lock, lock_document.version):
+        if self._writes == writes_before:
             self._remember_lease_of(lock, lock_document.lease)
             self._note_quiet(lock, read)
         return read, snapshots
@@ -1066,9 +1078,12 @@ class FirestoreStore(LeaseStore):
     def _deadline(self) -> float:
         return anyio.current_time() + self.timeout
 
-    def _follow_up(self, deadline: float) -> float:
-        """Return ``deadline``, or a later one that leaves _FOLLOW_UP_SHARE of the timeout."""
-        return max(deadline, anyio.current_time() + self.timeout * _FOLLOW_UP_SHARE)
+    def _follow_up(self, deadline: float, limit: float) -> float:
+        """Return ``deadline``, or a later one that leaves _FOLLOW_UP_SHARE of the timeout.
+
+        Never later than ``limit``.
+        """
+        return min(limit, max(deadline, anyio.current_time() + self.timeout * _FOLLOW_UP_SHARE))
 
     @contextlib.contextmanager
     def _rpc(self, deadline: float) -> Iterator[dict[str, Any]]:
