@@ -25,7 +25,7 @@ from tcp_proxy import TcpProxy
 
 from deployd.config import Config, StoreConfig
 from deployd.errors import ConfigError, LeaseLost, StoreUnavailable
-from deployd.models import Acquired, Busy, Deployment, Outcome, Purpose, Takeover
+from deployd.models import Acquired, Busy, Deployment, Lease, Outcome, Purpose, Takeover
 from deployd.stores import create_store
 from deployd.stores import firestore as firestore_module
 from deployd.stores.firestore import EMULATOR_PROJECT, FirestoreStore, resolve_project
@@ -513,12 +513,17 @@ async def test_waiter_queued_during_grant_keeps_place(
     assert cara.lease.token == 3
 
 
-async def test_lost_race_at_deadline_still_commits(
-    open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+async def _conflict_at_deadline(
+    store: FirestoreStore,
+    other: FirestoreStore,
+    monkeypatch: pytest.MonkeyPatch,
+    on_conflict: Callable[[], None] = lambda: None,
 ) -> None:
-    timeout = 5.0
-    store = await open_store(timeout=timeout)
-    other = await open_store()
+    """Make ``store``'s next grant without a read fail on a conflict at the end of its time.
+
+    ``other`` takes the lock in between, so that ``store``'s memory of it is
+    old. ``on_conflict`` runs when the commit has failed.
+    """
     await _grant_and_release(store, ANA)
     await _grant_and_release(other, BEN)
     grant = store._grant
@@ -529,13 +534,20 @@ async def test_lost_race_at_deadline_still_commits(
         try:
             return await grant(request, read, takeover, deadline, free)
         except Exception:
-            # The failed commit on the remembered version returns at the end
-            # of the grant's time.
             if free is not None:
+                on_conflict()
                 await anyio.sleep(max(0.0, deadline - anyio.current_time() - 0.01))
             raise
 
     monkeypatch.setattr(store, "_grant", conflict_at_deadline)
+
+
+async def test_lost_race_at_deadline_still_commits(
+    open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await open_store(timeout=5.0)
+    await _conflict_at_deadline(store, await open_store(), monkeypatch)
+
     result = await store.try_acquire(make_request(CARA))
 
     assert isinstance(result, Acquired)
@@ -604,25 +616,10 @@ async def test_grant_gives_up_within_twice_timeout(
     open_store: OpenStore, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = await open_store(emulator_host=proxy.address, timeout=TIMEOUT)
-    other = await open_store()
-    await _grant_and_release(store, ANA)
-    await _grant_and_release(other, BEN)
-    grant = store._grant
-
-    async def slow_after_conflict(
-        request: Any, read: Any, takeover: Any, deadline: float, free: Any = None
-    ) -> Acquired:
-        try:
-            return await grant(request, read, takeover, deadline, free)
-        except Exception:
-            if free is not None:
-                # The store turns slow just as the commit on the remembered
-                # version fails at the end of the grant's time.
-                proxy.reply_latency(0.9 * TIMEOUT)
-                await anyio.sleep(max(0.0, deadline - anyio.current_time() - 0.01))
-            raise
-
-    monkeypatch.setattr(store, "_grant", slow_after_conflict)
+    # The store turns slow just as the commit on the remembered version fails.
+    await _conflict_at_deadline(
+        store, await open_store(), monkeypatch, lambda: proxy.reply_latency(0.9 * TIMEOUT)
+    )
     started = time.monotonic()
     with pytest.raises(StoreUnavailable):
         await store.try_acquire(make_request(CARA))
@@ -631,6 +628,115 @@ async def test_grant_gives_up_within_twice_timeout(
 
     # A loose bound: the grant's limit is twice the timeout.
     assert elapsed < 2.5 * TIMEOUT
+
+
+async def test_grant_overtaken_by_own_enqueue_forgets(
+    open_store: OpenStore, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await open_store(emulator_host=proxy.address)
+    get_documents = store._get_documents
+    enqueued = anyio.Event()
+
+    async def read_before_enqueue(
+        references: Any, deadline: float, operation: str, lock: str
+    ) -> Any:
+        snapshots = await get_documents(references, deadline, operation, lock)
+        if not enqueued.is_set():
+            # CARA's grant read returns only after this daemon queued BEN.
+            await enqueued.wait()
+        return snapshots
+
+    granted: list[Lease] = []
+
+    async def grant_cara() -> None:
+        granted.append(await expect_grant(store, CARA))
+
+    monkeypatch.setattr(store, "_get_documents", read_before_enqueue)
+    async with anyio.create_task_group() as group:
+        group.start_soon(grant_cara)
+        await anyio.sleep(0.2)
+        monkeypatch.setattr(store, "_get_documents", get_documents)
+        await store.enqueue("api", "ben-wait", owner_of(BEN), Purpose(), TTL)
+        enqueued.set()
+    await store.release(granted[0], Outcome.from_exit_code(0))
+
+    busy, cost = await _measure(store, proxy, store.try_acquire(make_request(DAVE)))
+
+    # A read that finds BEN queued, not a commit on a queue remembered empty.
+    assert cost == (1, 1)
+    assert isinstance(busy, Busy)
+    assert busy.queued_ahead == 1
+
+
+async def test_race_lost_past_deadline_is_busy(
+    open_store: OpenStore, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await open_store(emulator_host=proxy.address, timeout=TIMEOUT)
+    other = await open_store()
+    grant = store._grant
+
+    async def other_takes_it_first(*args: Any, **kwargs: Any) -> Acquired:
+        # BEN's daemon takes the lock between CARA's read and CARA's commit.
+        if not (await other.inspect("api")).lease:
+            await expect_grant(other, BEN)
+        return await grant(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_grant", other_takes_it_first)
+    # Slow replies make the read that decides the lost race end after the deadline.
+    proxy.reply_latency(0.4 * TIMEOUT)
+    try:
+        result = await store.try_acquire(make_request(CARA))
+    finally:
+        proxy.reply_latency(0.0)
+
+    assert isinstance(result, Busy)
+    assert result.state.lease is not None
+    assert result.state.lease.holder == BEN
+
+
+async def test_grant_respects_head_waiter_revived_late(
+    open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await open_store()
+    late = await open_store()
+    other = await open_store()
+    holder = await expect_grant(store, ANA)
+    started = anyio.current_time()
+    await late.enqueue("api", "dave-wait", owner_of(DAVE), Purpose(), SHORT_TTL)
+    await store.enqueue("api", "ben-wait", owner_of(BEN), Purpose(), TTL)
+    await other.enqueue("api", "cara-wait", owner_of(CARA), Purpose(), TTL)
+    await store.release(holder, Outcome.from_exit_code(0))
+    write_waiter = late._write_waiter
+    grant = store._grant
+    revived = anyio.Event()
+
+    async def heartbeat_after_expiry(*args: Any, **kwargs: Any) -> Any:
+        # DAVE's daemon read its entry while it was live; the write lands after its expiry.
+        await anyio.sleep_until(started + SHORT_TTL + EXPIRY_MARGIN + 0.3)
+        try:
+            return await write_waiter(*args, **kwargs)
+        finally:
+            revived.set()
+
+    async def commit_after_revival(*args: Any, **kwargs: Any) -> Acquired:
+        await revived.wait()
+        return await grant(*args, **kwargs)
+
+    monkeypatch.setattr(late, "_write_waiter", heartbeat_after_expiry)
+    monkeypatch.setattr(store, "_grant", commit_after_revival)
+    async with anyio.create_task_group() as group:
+        await anyio.sleep_until(started + 0.6 * SHORT_TTL)
+        group.start_soon(late.enqueue, "api", "dave-wait", owner_of(DAVE), Purpose(), SHORT_TTL)
+        # BEN's read finds DAVE's entry expired, so BEN heads the live waiters.
+        await anyio.sleep_until(started + SHORT_TTL + EXPIRY_MARGIN)
+        result = await store.try_acquire(make_request(BEN, waiter_id="ben-wait"))
+
+    assert isinstance(result, Busy)
+    assert [waiter.waiter_id for waiter in result.state.waiters] == [
+        "dave-wait",
+        "ben-wait",
+        "cara-wait",
+    ]
 
 
 async def test_acquire_after_release_respects_new_waiter(

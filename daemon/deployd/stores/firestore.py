@@ -357,6 +357,9 @@ class FirestoreStore(LeaseStore):
                 if lease is not None and _is_same_grant(lease, request):
                     _log_applied_before_error("grant", request.lock, request.holder)
                     return Acquired(lease, decision, replaced)
+                if failure.conflict and isinstance(decide_grant(request, read.state), Busy):
+                    # A lost race: the loop returns Busy, also after the deadline.
+                    continue
                 self._raise_unless_retryable(failure, deadline, "try_acquire", request.lock)
 
     async def _grant_remembered(
@@ -440,26 +443,27 @@ class FirestoreStore(LeaseStore):
         _add_writes(batch, lock_write)
 
         entry = read.queue.entry(request.waiter_id) if request.waiter_id is not None else None
-        # The caller's entry goes, and so do expired entries, which would
-        # otherwise stay until the next waiter comes and keep every grant of
-        # the lock reading first.
-        others_live = any(other.live and other is not entry for other in read.queue.entries)
-        if others_live:
-            # Live waiters stay queued, so the lock is not quiet after this
-            # grant. Their heartbeats change the queue often, so the removal
-            # of the caller's entry carries no precondition.
-            removed = [entry] if entry is not None else []
+        entries = read.queue.entries
+        others_live = any(other.live and other is not entry for other in entries)
+        if others_live and entries[0] is entry:
+            # The caller heads the queue as read, and live waiters stay, so
+            # the lock is not quiet after this grant. Their heartbeats change
+            # the queue often, so the caller's entry goes without a precondition.
+            removed = [entry]
+            on_version = False
         else:
-            removed = [other for other in read.queue.entries if other is entry or not other.live]
+            # The caller's entry goes, and so do expired entries, which would
+            # otherwise stay until the next waiter comes. On the version read:
+            # a waiter that queued meanwhile, or an expired entry ahead that
+            # its waiter refreshed just in time, makes the grant read again.
+            removed = [other for other in entries if other is entry or not other.live]
+            on_version = True
         if removed:
             removals = {waiter_path(other.key): DELETE_FIELD for other in removed}
             queue_version = read.queue.version
-            if others_live or queue_version is None:
+            if not on_version or queue_version is None:
                 batch.update(self._queue_reference(request.lock), removals)
             else:
-                # On the version read, so that the queue is known to be empty
-                # after this write: a waiter that queued meanwhile, or an
-                # expired entry just refreshed, makes the grant read again.
                 batch.update(
                     self._queue_reference(request.lock),
                     removals,
@@ -490,10 +494,14 @@ class FirestoreStore(LeaseStore):
 
         with self._rpc(deadline) as options:
             results = await batch.commit(**options)
+        # A write of this object since the read may have changed what it showed.
+        current = read.writes_before == self._writes
         lease = self._granted_lease(request, token, results[0])
-        if free is None:
+        if free is None and current:
             written_queue = version_of(results[1].update_time) if removed else None
             self._note_quiet(request.lock, read, written_queue, removed)
+        elif free is None:
+            self._forget_quiet(request.lock)
         # The lock may have been remembered as free, at the version it had
         # before this grant took it.
         self._free_locks.pop(request.lock, None)
@@ -989,11 +997,20 @@ class FirestoreStore(LeaseStore):
             (snapshot := snapshots.get(reference.path)) is not None and snapshot.exists
             for reference in freeze_references
         )
-        read = LockRead(lock_document, queue_document, frozen, freeze_documents_missing=missing)
-        # A read that a write of this object overtook would remember old state.
+        read = LockRead(
+            lock_document,
+            queue_document,
+            frozen,
+            freeze_documents_missing=missing,
+            writes_before=writes_before,
+        )
+        # A read that a write of this object overtook would remember old
+        # state. Forgetting is safe on any read.
         if self._writes == writes_before:
             self._remember_lease_of(lock, lock_document.lease)
             self._note_quiet(lock, read)
+        elif queue_document.entries or not missing:
+            self._forget_quiet(lock)
         return read, snapshots
 
     async def _read_after_failure(

@@ -143,12 +143,15 @@ class LockRead:
 
     ``freeze_documents_missing`` is true when neither the lock's freeze
     document nor the one for all locks existed, expired freezes included.
+    ``writes_before`` is the count of the reading store's own completed
+    writes when the read started, or -1 for a read that was not made.
     """
 
     lock: LockDocument
     queue: QueueDocument
     frozen: Freeze | None = None
     freeze_documents_missing: bool = False
+    writes_before: int = -1
 
     @property
     def state(self) -> LockState:
