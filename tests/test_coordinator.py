@@ -21,6 +21,8 @@ from deployd.coordinator import (
     Release,
     Renew,
     Ticket,
+    Upgrade,
+    Upgraded,
 )
 from deployd.errors import LeaseLost, LockBusy, StoreUnavailable, WaitTimedOut
 from deployd.models import (
@@ -28,6 +30,7 @@ from deployd.models import (
     Busy,
     Freeze,
     Lease,
+    LeaseRequest,
     LockState,
     Outcome,
     OutcomeStatus,
@@ -70,7 +73,9 @@ class Harness:
         )
 
     def lease_for(self, attempt: Attempt, expires_in: float = 30.0) -> Lease:
-        request = attempt.request
+        return self.lease_for_request(attempt.request, expires_in)
+
+    def lease_for_request(self, request: LeaseRequest, expires_in: float = 30.0) -> Lease:
         return Lease(
             lock=request.lock,
             holder=request.holder,
@@ -522,6 +527,30 @@ def test_handoff_to_frozen_lock_keeps_caller_waiting() -> None:
     assert position.frozen == freeze
     assert harness.coordinator.queue("api") == [waiter]
     assert harness.coordinator.next_deadline() == 2.1 + 0.5
+
+
+def test_waiter_behind_unlocked_holder_stays_out_of_store() -> None:
+    """A local waiter's entry in the store would block the unlocked holder's upgrade."""
+    harness = Harness()
+    harness.coordinator.on_store_error = "open"
+    (attempt,) = harness.coordinator.submit(harness.ticket(), now=0.0)
+    actions = harness.coordinator.attempt_done(
+        attempt.ticket, StoreUnavailable("no reply within 2s"), sent_at=0.0, now=2.0
+    )
+    held = only(actions, Grant)[0].held
+    waiter = harness.ticket(wait=60.0, now=3.0)
+
+    submitted = harness.coordinator.submit(waiter, now=3.0)
+    (upgrade,) = only(harness.coordinator.tick(10.0), Upgrade)
+    upgraded = harness.coordinator.upgrade_done(
+        held, Acquired(harness.lease_for_request(upgrade.request)), sent_at=10.0, now=10.1
+    )
+    after = harness.coordinator.tick(10.6)
+
+    assert not only(submitted, Enqueue)
+    assert only(upgraded, Upgraded)
+    (enqueue,) = only(after, Enqueue)
+    assert enqueue.ticket is waiter
 
 
 def test_handoff_skips_lease_without_store_lock() -> None:

@@ -708,6 +708,13 @@ class Coordinator:
         """Write the head's waiter entry, so other daemons' waiters queue behind it."""
         if ticket.enqueue_in_flight or ticket.done:
             return []
+        holder = self._slot(ticket.lock).holder
+        if holder is not None and holder.degraded:
+            # The holder deploys without the store's lock and keeps trying to
+            # take it. An entry of its own waiter would queue ahead of those
+            # attempts and keep the lock free in the store, so it waits.
+            ticket.next_heartbeat_at = now + self._poll_interval
+            return []
         ticket.enqueue_in_flight = True
         ticket.next_heartbeat_at = None
         return [Enqueue(ticket)]
