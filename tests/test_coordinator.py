@@ -529,15 +529,21 @@ def test_handoff_to_frozen_lock_keeps_caller_waiting() -> None:
     assert harness.coordinator.next_deadline() == 2.1 + 0.5
 
 
-def test_waiter_behind_unlocked_holder_stays_out_of_store() -> None:
-    """A local waiter's entry in the store would block the unlocked holder's upgrade."""
-    harness = Harness()
+def unlocked_holder(harness: Harness) -> HeldLease:
+    """Return a lease granted at 2.0 without the store's lock, which was unreachable."""
     harness.coordinator.on_store_error = "open"
     (attempt,) = harness.coordinator.submit(harness.ticket(), now=0.0)
     actions = harness.coordinator.attempt_done(
         attempt.ticket, StoreUnavailable("no reply within 2s"), sent_at=0.0, now=2.0
     )
-    held = only(actions, Grant)[0].held
+    held: HeldLease = only(actions, Grant)[0].held
+    return held
+
+
+def test_waiter_behind_unlocked_holder_stays_out_of_store() -> None:
+    """A local waiter's entry in the store would block the unlocked holder's upgrade."""
+    harness = Harness()
+    held = unlocked_holder(harness)
     waiter = harness.ticket(wait=60.0, now=3.0)
 
     submitted = harness.coordinator.submit(waiter, now=3.0)
@@ -556,12 +562,7 @@ def test_waiter_behind_unlocked_holder_stays_out_of_store() -> None:
 def test_handoff_skips_lease_without_store_lock() -> None:
     """A lease that ran without the store's lock has nothing to release there."""
     harness = Harness(handoff=True)
-    harness.coordinator.on_store_error = "open"
-    (attempt,) = harness.coordinator.submit(harness.ticket(), now=0.0)
-    actions = harness.coordinator.attempt_done(
-        attempt.ticket, StoreUnavailable("no reply within 2s"), sent_at=0.0, now=2.0
-    )
-    held = only(actions, Grant)[0].held
+    held = unlocked_holder(harness)
     waiter = harness.ticket(wait=60.0, now=3.0)
     harness.coordinator.submit(waiter, now=3.0)
 
