@@ -50,7 +50,9 @@ OpenStore = Callable[..., Awaitable[FirestoreStore]]
 
 @pytest.fixture
 async def open_store(
-    firestore_namespace: FirestoreNamespace, monkeypatch: pytest.MonkeyPatch
+    firestore_namespace: FirestoreNamespace,
+    monkeypatch: pytest.MonkeyPatch,
+    ignore_closed_loop_callbacks: None,
 ) -> AsyncIterator[OpenStore]:
     """Yield a function that opens a store in the test's namespace.
 

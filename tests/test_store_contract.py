@@ -85,7 +85,11 @@ def _build_store(
 
 @pytest.fixture
 async def open_store(
-    store_kind: str, tmp_path: Path, clock: FakeClock, request: pytest.FixtureRequest
+    store_kind: str,
+    tmp_path: Path,
+    clock: FakeClock,
+    request: pytest.FixtureRequest,
+    ignore_closed_loop_callbacks: None,
 ) -> AsyncIterator[OpenStore]:
     """Yield a function that opens one more store object on the same data.
 
