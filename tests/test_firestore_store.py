@@ -584,22 +584,29 @@ async def test_waiter_grant_ignores_other_heartbeats(
     assert [waiter.waiter_id for waiter in state.waiters] == ["cara-wait"]
 
 
+def _hold_reads(
+    store: FirestoreStore, operation: str, until: anyio.Event, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Make ``store``'s reads for ``operation`` return their result only once ``until`` is set."""
+    get_documents = store._get_documents
+
+    async def held(references: Any, deadline: float, name: str, lock: str) -> Any:
+        snapshots = await get_documents(references, deadline, name, lock)
+        if name == operation:
+            await until.wait()
+        return snapshots
+
+    monkeypatch.setattr(store, "_get_documents", held)
+
+
 async def test_overtaken_read_is_not_remembered(
     open_store: OpenStore, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = await open_store(emulator_host=proxy.address)
     await _grant_and_release(store, ANA)
-    get_documents = store._get_documents
     enqueued = anyio.Event()
-
-    async def slow_inspect(references: Any, deadline: float, operation: str, lock: str) -> Any:
-        snapshots = await get_documents(references, deadline, operation, lock)
-        if operation == "inspect":
-            # The status read returns only after this daemon queued a waiter.
-            await enqueued.wait()
-        return snapshots
-
-    monkeypatch.setattr(store, "_get_documents", slow_inspect)
+    # The status read returns only after this daemon queued a waiter.
+    _hold_reads(store, "inspect", enqueued, monkeypatch)
     async with anyio.create_task_group() as group:
         group.start_soon(store.inspect, "api")
         await anyio.sleep(0.2)
@@ -636,28 +643,17 @@ async def test_grant_overtaken_by_own_enqueue_forgets(
     open_store: OpenStore, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = await open_store(emulator_host=proxy.address)
-    get_documents = store._get_documents
     enqueued = anyio.Event()
-
-    async def read_before_enqueue(
-        references: Any, deadline: float, operation: str, lock: str
-    ) -> Any:
-        snapshots = await get_documents(references, deadline, operation, lock)
-        if not enqueued.is_set():
-            # CARA's grant read returns only after this daemon queued BEN.
-            await enqueued.wait()
-        return snapshots
-
+    # CARA's grant read returns only after this daemon queued BEN.
+    _hold_reads(store, "try_acquire", enqueued, monkeypatch)
     granted: list[Lease] = []
 
     async def grant_cara() -> None:
         granted.append(await expect_grant(store, CARA))
 
-    monkeypatch.setattr(store, "_get_documents", read_before_enqueue)
     async with anyio.create_task_group() as group:
         group.start_soon(grant_cara)
         await anyio.sleep(0.2)
-        monkeypatch.setattr(store, "_get_documents", get_documents)
         await store.enqueue("api", "ben-wait", owner_of(BEN), Purpose(), TTL)
         enqueued.set()
     await store.release(granted[0], Outcome.from_exit_code(0))

@@ -536,8 +536,7 @@ class FirestoreStore(LeaseStore):
         """
         entries = [entry for entry in read.queue.entries if entry not in removed]
         if entries or not read.freeze_documents_missing:
-            self._quiet.pop(lock, None)
-            self._free_locks.pop(lock, None)
+            self._forget_quiet(lock)
             return
         quiet = _Quiet(queue_version or read.queue.version)
         self._quiet[lock] = quiet
@@ -545,6 +544,14 @@ class FirestoreStore(LeaseStore):
             self._free_locks[lock] = _FreeLock(read.lock.version, read.lock.token, quiet)
         else:
             self._free_locks.pop(lock, None)
+
+    def _wrote(self, lock: str | None = None) -> None:
+        """Count a completed write of a queue or freeze, or a forced unlock, and forget its lock.
+
+        Without ``lock`` (a freeze or an unfreeze), forget every lock.
+        """
+        self._writes += 1
+        self._forget_quiet(lock)
 
     def _forget_quiet(self, lock: str | None = None) -> None:
         """Forget what this object remembers of ``lock``'s queue and freezes, or of every lock's."""
@@ -731,8 +738,7 @@ class FirestoreStore(LeaseStore):
             results = await batch.commit(**options)
         self._note_server_time(results[0].update_time)
         self._known_leases.pop(previous.lock, None)
-        self._writes += 1
-        self._forget_quiet(previous.lock)
+        self._wrote(previous.lock)
         logger.info(
             "force-unlocked lock %s held by %s (token %d) for %s: %s",
             previous.lock,
@@ -793,8 +799,7 @@ class FirestoreStore(LeaseStore):
         except _RpcFailed as failure:
             # A set is idempotent, so an ambiguous failure needs no re-read.
             raise self._unavailable(failure, "freeze", scope) from failure.error
-        self._writes += 1
-        self._forget_quiet()
+        self._wrote()
         self._note_server_time(result.update_time)
         logger.info("froze %s for %s until %s: %s", scope, freeze.by, until, reason)
         return dataclasses.replace(freeze, at=self._clock.seconds(result.update_time))
@@ -811,8 +816,7 @@ class FirestoreStore(LeaseStore):
                 await reference.delete(**options)
         except _RpcFailed as failure:
             raise self._unavailable(failure, "unfreeze", scope) from failure.error
-        self._writes += 1
-        self._forget_quiet()
+        self._wrote()
         logger.info("unfroze %s", scope)
         return existing
 
@@ -925,8 +929,7 @@ class FirestoreStore(LeaseStore):
                     updates, option=self._precondition(read.queue.version), **options
                 )
 
-        self._writes += 1
-        self._forget_quiet(lock)
+        self._wrote(lock)
         self._note_server_time(result.update_time)
         heartbeat = written_timestamp(result)
         enqueued = entry.enqueued if refresh and entry is not None else heartbeat
@@ -950,8 +953,7 @@ class FirestoreStore(LeaseStore):
                 return
             raise self._unavailable(failure, "dequeue", lock) from failure.error
 
-        self._writes += 1
-        self._forget_quiet(lock)
+        self._wrote(lock)
         self._note_server_time(result.update_time)
         logger.debug("removed waiter %s of lock %s", waiter_id, lock)
 
