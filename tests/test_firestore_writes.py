@@ -8,6 +8,7 @@ No emulator is needed: nothing is sent.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -16,7 +17,8 @@ import pytest
 from google.api_core.datetime_helpers import DatetimeWithNanoseconds
 from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP, AsyncClient, Increment
 from google.cloud.firestore_v1 import _helpers
-from google.cloud.firestore_v1.types import write
+from google.cloud.firestore_v1.types import firestore, write
+from google.protobuf import timestamp_pb2
 
 from deployd.models import LeaseRequest, Outcome, OutcomeStatus, Owner, Purpose, Takeover
 from deployd.stores.firestore_documents import (
@@ -24,15 +26,19 @@ from deployd.stores.firestore_documents import (
     forced_fields,
     lease_fields,
     new_record_fields,
+    owner_fields,
+    purpose_fields,
     released_fields,
     renewal_fields,
     replaced_record_fields,
 )
 from deployd.stores.firestore_writes import (
     absent_write,
+    commit_request,
     create_write,
     encode_value,
     merge_write,
+    parse_update_time,
     update_write,
 )
 
@@ -185,6 +191,65 @@ def test_encode_value_equals_library(value: Any) -> None:
     assert ours == type(library).pb(library)
 
 
+# Update times as the store writes them (version_of), and other RFC 3339 forms.
+UPDATE_TIMES = [
+    VERSION,
+    "1970-01-01T00:00:00.000000000Z",
+    "2028-02-29T23:59:59.999999999Z",
+    "2026-03-01T12:00:00Z",
+    "2026-03-01T12:00:00.5Z",
+    "2026-03-01T13:00:00.123456+01:00",
+]
+
+
+@pytest.mark.parametrize("text", UPDATE_TIMES)
+def test_parse_update_time_equals_protobuf(text: str) -> None:
+    expected = timestamp_pb2.Timestamp()
+    expected.FromJsonString(text)
+    assert parse_update_time(text) == expected
+
+
+@pytest.mark.parametrize("text", UPDATE_TIMES)
+def test_update_write_precondition_equals_library(document_path: str, text: str) -> None:
+    fields = renewal_fields(30.0, "renewal-1")
+    assert same_message(
+        update_write(document_path, fields, text), library_update(document_path, fields, text)
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-13-01T12:00:00.123456789Z",
+        "2026-03-01T12:00:00.12345678xZ",
+        "2026-03-01 12:00:00.123456789Z",
+        "yesterday",
+    ],
+)
+def test_malformed_update_time_is_rejected(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_update_time(text)
+
+
+def test_commit_request_equals_library(document_path: str) -> None:
+    database = document_path.partition("/documents/")[0]
+    writes = [
+        update_write(document_path, renewal_fields(30.0, "renewal-1"), VERSION),
+        create_write(document_path, new_record_fields(REQUEST, 7, Takeover.FREE)),
+        absent_write(document_path),
+    ]
+    # What AsyncWriteBatch.commit() sends, built from its request dict by proto-plus.
+    library = firestore.CommitRequest({"database": database, "writes": writes, "transaction": None})
+    ours = commit_request(database, writes)
+    assert firestore.CommitRequest.pb(ours) == firestore.CommitRequest.pb(library)
+
+
+@pytest.mark.parametrize("request_", [REQUEST, DEGRADED], ids=["with pid", "without pid"])
+def test_owner_and_purpose_fields_equal_asdict(request_: LeaseRequest) -> None:
+    assert owner_fields(request_.owner) == dataclasses.asdict(request_.owner)
+    assert purpose_fields(request_.purpose) == dataclasses.asdict(request_.purpose)
+
+
 def test_delete_field_is_rejected(document_path: str) -> None:
     with pytest.raises(TypeError, match="Sentinel"):
         update_write(document_path, {"waiters": DELETE_FIELD}, VERSION)
@@ -193,6 +258,11 @@ def test_delete_field_is_rejected(document_path: str) -> None:
 def test_dotted_field_name_is_rejected(document_path: str) -> None:
     with pytest.raises(ValueError, match="plain identifier"):
         update_write(document_path, {"waiters.ana": 1}, VERSION)
+
+
+def test_non_ascii_field_name_is_rejected(document_path: str) -> None:
+    with pytest.raises(ValueError, match="plain identifier"):
+        update_write(document_path, {"żółw": 1}, VERSION)
 
 
 def test_unsupported_value_is_rejected(document_path: str) -> None:

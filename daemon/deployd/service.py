@@ -307,7 +307,12 @@ class LeaseService:
             spec.wait,
             spec.force,
         )
-        self._execute(self.coordinator.submit(ticket, now))
+        actions = self.coordinator.submit(ticket, now)
+        # The timer loop skips a ticket's deadlines while its attempt is in flight
+        # (Coordinator.next_deadline), so a submit that only starts an attempt
+        # moves none of them. Waking the loop would only run it before the store call.
+        only_attempt = len(actions) == 1 and isinstance(actions[0], Attempt)
+        self._execute(actions, wake=not only_attempt)
         try:
             await pending.done.wait()
         finally:
@@ -635,7 +640,8 @@ class LeaseService:
         assert self._task_group is not None, "LeaseService.run() is not running"
         self._task_group.start_soon(function, *args)
 
-    def _execute(self, actions: list[Action]) -> None:
+    def _execute(self, actions: list[Action], wake: bool = True) -> None:
+        """Carry out the coordinator's actions; then wake the timer loop, if ``wake``."""
         for action in actions:
             match action:
                 # First, because a grant of a contended lock moves every waiter up one place.
@@ -671,7 +677,8 @@ class LeaseService:
                     self._overlap_live(action)
                 case RecordUnlocked():
                     self.unlocked.record(action.held, action.outcome)
-        self._wake()
+        if wake:
+            self._wake()
 
     async def _attempt(self, action: Attempt) -> None:
         sent_at = self._clock()

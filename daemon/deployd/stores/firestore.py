@@ -103,7 +103,13 @@ from deployd.stores.firestore_documents import (
     waiter_path,
     written_timestamp,
 )
-from deployd.stores.firestore_writes import absent_write, create_write, merge_write, update_write
+from deployd.stores.firestore_writes import (
+    absent_write,
+    commit_request,
+    create_write,
+    merge_write,
+    update_write,
+)
 from deployd.stores.sqlite import decide_grant, freeze_passed_detail
 
 if TYPE_CHECKING:
@@ -493,7 +499,7 @@ class FirestoreStore(LeaseStore):
         )
 
         with self._rpc(deadline) as options:
-            results = await batch.commit(**options)
+            results = await _commit(batch, options)
         # A write of this object since the read may have changed what it showed.
         current = read.writes_before == self._writes
         lease = self._granted_lease(request, token, results[0])
@@ -563,7 +569,9 @@ class FirestoreStore(LeaseStore):
             self._free_locks.pop(lock, None)
 
     def _granted_lease(self, request: LeaseRequest, token: int, result: WriteResult) -> Lease:
-        self._note_server_time(result.update_time)
+        # Each access of update_time converts the protobuf Timestamp into a datetime again.
+        update_time = result.update_time
+        self._note_server_time(update_time)
         granted_at = self._clock.seconds(written_timestamp(result))
         lease = Lease(
             lock=request.lock,
@@ -576,7 +584,7 @@ class FirestoreStore(LeaseStore):
             acquired_at=granted_at,
             renewed_at=granted_at,
             expires_in=request.ttl,
-            version=version_of(result.update_time),
+            version=version_of(update_time),
         )
         self._writes += 1
         self._remember_lease(lease)
@@ -612,7 +620,7 @@ class FirestoreStore(LeaseStore):
         lock_path = _document_path(self._lock_reference(lease.lock))
         _add_writes(batch, update_write(lock_path, renewal_fields(lease.ttl, renewal_id), version))
         with self._rpc(deadline) as options:
-            (result,) = await batch.commit(**options)
+            (result,) = await _commit(batch, options)
 
         self._note_server_time(result.update_time)
         renewed = dataclasses.replace(
@@ -671,7 +679,7 @@ class FirestoreStore(LeaseStore):
         )
 
         with self._rpc(deadline) as options:
-            results = await batch.commit(**options)
+            results = await _commit(batch, options)
         self._note_server_time(results[0].update_time)
         self._known_leases.pop(lease.lock, None)
         self._writes += 1
@@ -735,7 +743,7 @@ class FirestoreStore(LeaseStore):
         )
 
         with self._rpc(deadline) as options:
-            results = await batch.commit(**options)
+            results = await _commit(batch, options)
         self._note_server_time(results[0].update_time)
         self._known_leases.pop(previous.lock, None)
         self._wrote(previous.lock)
@@ -1369,6 +1377,24 @@ def _add_writes(batch: AsyncWriteBatch, *writes: Write) -> None:
     # NOTE: _add_write_pbs is the private method through which the batch's own
     # create(), update() and set() add their writes in google-cloud-firestore 2.34.
     batch._add_write_pbs(list(writes))
+
+
+async def _commit(batch: AsyncWriteBatch, options: Mapping[str, Any]) -> list[WriteResult]:
+    """Commit ``batch`` as its commit() does, and return the results of its writes.
+
+    commit_request() builds the request, without the conversion of each write
+    that commit() makes. The call, its retry and timeout (``options``) and its
+    errors stay the library's.
+    """
+    # NOTE: _client, _write_pbs, _firestore_api and _rpc_metadata are the private
+    # attributes that AsyncWriteBatch.commit() itself uses in google-cloud-firestore 2.34.
+    client = batch._client
+    response = await client._firestore_api.commit(
+        request=commit_request(client._database_string, batch._write_pbs),
+        metadata=client._rpc_metadata,
+        **options,
+    )
+    return list(response.write_results)
 
 
 async def _close_client(client: AsyncClient) -> None:

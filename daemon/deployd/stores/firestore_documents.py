@@ -30,7 +30,6 @@ and update and read times have microsecond precision.
 from __future__ import annotations
 
 import base64
-import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -365,14 +364,29 @@ def _malformed(snapshot: DocumentSnapshot[Any], exc: Exception) -> StoreUnavaila
 # --- fields to write ---
 
 
+def owner_fields(owner: Owner) -> dict[str, Any]:
+    """Return ``owner`` as a map field, as dataclasses.asdict() would, in less time."""
+    return {
+        "user": owner.user,
+        "host": owner.host,
+        "pid": owner.pid,
+        "daemon_id": owner.daemon_id,
+    }
+
+
+def purpose_fields(purpose: Purpose) -> dict[str, Any]:
+    """Return ``purpose`` as a map field, as dataclasses.asdict() would, in less time."""
+    return {"commit": purpose.commit, "reason": purpose.reason}
+
+
 def lease_fields(request: LeaseRequest) -> dict[str, Any]:
     """Return the lock document's fields for a grant to ``request``, except the token."""
     return {
         "name": request.lock,
         "holder": request.holder,
         "acquisition_id": request.acquisition_id,
-        "owner": dataclasses.asdict(request.owner),
-        "purpose": dataclasses.asdict(request.purpose),
+        "owner": owner_fields(request.owner),
+        "purpose": purpose_fields(request.purpose),
         "ttl": request.ttl,
         "acquired": SERVER_TIMESTAMP,
         "renewed": SERVER_TIMESTAMP,
@@ -412,8 +426,8 @@ def new_record_fields(
         "lock": request.lock,
         "token": token,
         "acquisition_id": request.acquisition_id,
-        "owner": dataclasses.asdict(request.owner),
-        "purpose": dataclasses.asdict(request.purpose),
+        "owner": owner_fields(request.owner),
+        "purpose": purpose_fields(request.purpose),
         "started": started,
         "started_wall": unlocked_since,
         "waited": request.waited,
@@ -436,8 +450,8 @@ def recorded_deployment_fields(deployment: Deployment) -> dict[str, Any]:
         "lock": deployment.lock,
         "token": deployment.token,
         "acquisition_id": None,
-        "owner": dataclasses.asdict(deployment.owner),
-        "purpose": dataclasses.asdict(deployment.purpose),
+        "owner": owner_fields(deployment.owner),
+        "purpose": purpose_fields(deployment.purpose),
         "started": datetime.fromtimestamp(deployment.started_at, UTC),
         "started_wall": deployment.started_at,
         "waited": deployment.waited,
@@ -506,8 +520,8 @@ def waiter_fields(waiter_id: str, owner: Owner, purpose: Purpose, ttl: float) ->
     """Return a new waiter entry, which joins the back of the queue."""
     return {
         "waiter_id": waiter_id,
-        "owner": dataclasses.asdict(owner),
-        "purpose": dataclasses.asdict(purpose),
+        "owner": owner_fields(owner),
+        "purpose": purpose_fields(purpose),
         "ttl": ttl,
         "enqueued": SERVER_TIMESTAMP,
         "heartbeat": SERVER_TIMESTAMP,
@@ -522,8 +536,8 @@ def heartbeat_fields(key: str, owner: Owner, purpose: Purpose, ttl: float) -> di
     return {
         waiter_path(key, "heartbeat"): SERVER_TIMESTAMP,
         waiter_path(key, "ttl"): ttl,
-        waiter_path(key, "owner"): dataclasses.asdict(owner),
-        waiter_path(key, "purpose"): dataclasses.asdict(purpose),
+        waiter_path(key, "owner"): owner_fields(owner),
+        waiter_path(key, "purpose"): purpose_fields(purpose),
     }
 
 
@@ -594,7 +608,7 @@ def version_of(timestamp: datetime) -> str:
     """
     below_microsecond = getattr(timestamp, "nanosecond", 0) % 1000
     nanoseconds = timestamp.microsecond * 1000 + below_microsecond
-    seconds = timestamp.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    seconds = timestamp.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds")
     return f"{seconds}.{nanoseconds:09d}Z"
 
 

@@ -10,26 +10,30 @@ int, float, str, datetime, dicts of these, and the sentinels
 SERVER_TIMESTAMP and Increment at any depth. Field names must be plain
 identifiers. Anything else raises ValueError or TypeError, so a write that
 these functions cannot build exactly is never sent in another form.
-tests/test_firestore_writes.py compares each write with the library's.
+commit_request() builds the request of a commit around such writes, and
+parse_update_time() reads the update time of a precondition.
+tests/test_firestore_writes.py compares each write and request with the library's.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
-from datetime import datetime
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.cloud.firestore import SERVER_TIMESTAMP, Increment
-from google.cloud.firestore_v1.types import common, document, write
+from google.cloud.firestore_v1.types import common, document, firestore, write
+from google.protobuf import timestamp_pb2  # type: ignore[import-untyped]
 
+_CommitRequest = firestore.CommitRequest.pb()
 _Write = write.Write.pb()
 _Document = document.Document.pb()
 _Value = document.Value.pb()
 _MapValue = document.MapValue.pb()
 _FieldTransform = write.DocumentTransform.FieldTransform.pb()
-# The field names that need no quoting in a field path.
-_PLAIN_NAME = re.compile(r"[_a-zA-Z][_a-zA-Z0-9]*")
+_Timestamp = timestamp_pb2.Timestamp
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND = timedelta(seconds=1)
 _REQUEST_TIME = write.DocumentTransform.FieldTransform.ServerValue.REQUEST_TIME
 
 
@@ -47,7 +51,8 @@ class _Parts:
         self, fields: Mapping[str, Any], prefix: tuple[str, ...], into: dict[str, Any]
     ) -> None:
         for name, value in fields.items():
-            if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
+            # The names that need no quoting in a field path: [_a-zA-Z][_a-zA-Z0-9]*
+            if not isinstance(name, str) or not (name.isascii() and name.isidentifier()):
                 raise ValueError(
                     f"field name {name!r} is not a plain identifier; write such fields "
                     "with the library's batch methods"
@@ -134,7 +139,7 @@ def update_write(path: str, fields: Mapping[str, Any], update_time: str | None) 
         sorted(name for name in fields if name not in transformed)
     )
     if update_time is not None:
-        message.current_document.update_time.FromJsonString(update_time)
+        message.current_document.update_time.CopyFrom(parse_update_time(update_time))
     else:
         message.current_document.exists = True
     return _wrap(message)
@@ -170,6 +175,40 @@ def absent_write(path: str) -> write.Write:
     """
     message = _Write(delete=path, current_document=common.Precondition.pb()(exists=False))
     return _wrap(message)
+
+
+def parse_update_time(text: str) -> timestamp_pb2.Timestamp:
+    """Return an update time in RFC 3339 form as a protobuf Timestamp.
+
+    The store's versions have the fixed form YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ
+    (firestore_documents.version_of), which the datetime module reads in C.
+    Any other form goes to Timestamp.FromJsonString, which takes every
+    RFC 3339 form but runs strptime in Python: about 3 times slower (timeit).
+    """
+    if len(text) == 30 and text[10] == "T" and text[19] == "." and text[29] == "Z":
+        fraction = text[20:29]
+        try:
+            moment = datetime.fromisoformat(text[:19]).replace(tzinfo=UTC)
+        except ValueError:
+            pass
+        else:
+            if fraction.isascii() and fraction.isdigit():
+                return _Timestamp(seconds=(moment - _EPOCH) // _SECOND, nanos=int(fraction))
+    timestamp = _Timestamp()
+    timestamp.FromJsonString(text)
+    return timestamp
+
+
+def commit_request(database: str, writes: Sequence[write.Write]) -> firestore.CommitRequest:
+    """Return the request of a commit of ``writes`` in ``database``, outside a transaction.
+
+    A library batch passes its writes to the request in a dict, and proto-plus
+    converts them one by one before every commit. Here they go into one
+    protobuf message, and the request wraps it without a copy.
+    """
+    message = _CommitRequest(database=database, writes=[write.Write.pb(each) for each in writes])
+    request: firestore.CommitRequest = firestore.CommitRequest.wrap(message)
+    return request
 
 
 def _wrap(message: Any) -> write.Write:
