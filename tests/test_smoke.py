@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness import DaemonProcess, Workstation
+from harness import DaemonProcess, Workstation, wait_until
 
 
 def test_run_passes_exit_code(workstation: Workstation, daemon: DaemonProcess) -> None:
@@ -19,6 +19,21 @@ def test_status_lists_lock(workstation: Workstation, daemon: DaemonProcess) -> N
     result = workstation.deployd("status", "--json")
     assert result.returncode == 0, result.stderr
     assert '"api"' in result.stdout
+
+
+def test_grant_is_logged_before_the_end(workstation: Workstation, daemon: DaemonProcess) -> None:
+    """The grant's line is written after the response, but still before the lease's end."""
+    result = workstation.deployd("run", "api", "--", "true")
+    assert result.returncode == 0, result.stderr
+
+    def lines() -> list[str]:
+        log = workstation.log_file.read_text(errors="replace").splitlines()
+        return [line for line in log if "lease granted: lock=api" in line or "lease ended" in line]
+
+    logged = wait_until(lambda: len(lines()) == 2 and lines())
+    assert "lease granted: lock=api" in logged[0]
+    assert "token=1" in logged[0]
+    assert "lease ended: lock=api" in logged[1]
 
 
 def test_installed_command_flushes_and_exits(

@@ -8,6 +8,8 @@ and watches what each lease is bound to (connections and processes).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import math
 import secrets
@@ -915,7 +917,7 @@ class LeaseService:
         self._bindings[held.lease_id] = binding
         for identity in binding.processes.values():
             self._watch(binding, identity)
-        logger.info(
+        log_line = (
             "lease granted: lock=%s session=%s token=%d takeover=%s waited=%.3fs",
             held.lock,
             held.lease_id,
@@ -929,8 +931,10 @@ class LeaseService:
         pending = self._pending.get(action.ticket.id)
         if pending is None:
             # The caller left; the coordinator has already released this grant.
+            logger.info(*log_line)
             return
         self._answer(pending, held=held)
+        _log_after_wakeups(*log_line)
 
     def lease_json(self, lease: Lease) -> dict[str, Any]:
         """Return ``lease.to_json()``, reused while the same lease is asked for again.
@@ -1230,6 +1234,18 @@ class LeaseService:
             return
         outcome = Outcome(OutcomeStatus.ABANDONED, detail=f"holder gone: {why}")
         self._execute(self.coordinator.release(binding.lease_id, outcome, self._clock()))
+
+
+def _log_after_wakeups(message: str, *args: object) -> None:
+    """Log ``message`` at INFO after the tasks that are ready to run now.
+
+    Called right after a caller's response is set, it lets the request handler
+    send that response before the line is formatted and written (about 0.1 ms
+    of CPU when the daemon has been idle).
+    """
+    # NOTE: asyncio's own call_soon, as anyio has none: the daemon runs on anyio's
+    # asyncio backend, which the Firestore store's grpc.aio channel needs too.
+    asyncio.get_running_loop().call_soon(functools.partial(logger.info, message, *args))
 
 
 def _identify_or_raise(pid: int) -> ProcessIdentity:
