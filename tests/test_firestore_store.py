@@ -25,11 +25,20 @@ from tcp_proxy import TcpProxy
 
 from deployd.config import Config, StoreConfig
 from deployd.errors import ConfigError, LeaseLost, StoreUnavailable
-from deployd.models import Acquired, Busy, Deployment, Lease, Outcome, Purpose, Takeover
+from deployd.models import (
+    ALL_LOCKS,
+    Acquired,
+    Busy,
+    Deployment,
+    Lease,
+    Outcome,
+    Purpose,
+    Takeover,
+)
 from deployd.stores import create_store
 from deployd.stores import firestore as firestore_module
 from deployd.stores.firestore import EMULATOR_PROJECT, FirestoreStore, resolve_project
-from deployd.stores.firestore_documents import version_of
+from deployd.stores.firestore_documents import deployment_id, document_id, version_of
 
 pytestmark = pytest.mark.anyio
 
@@ -125,6 +134,22 @@ def _unlocked_record(holder: str) -> Deployment:
         degraded=True,
         takeover="unlocked",
     )
+
+
+async def test_document_names_equal_library_references(open_store: OpenStore) -> None:
+    """The names that writes use equal those of the library's references."""
+    store = await open_store()
+    for lock in ("api", "web-1.staging", ALL_LOCKS):
+        named = {
+            "locks": store._lock_reference(lock),
+            "queues": store._queue_reference(lock),
+            "freezes": store._freeze_reference(lock),
+        }
+        for collection, reference in named.items():
+            name = store._document_name(collection, document_id(lock))
+            assert name == firestore_module._document_path(reference)
+        record = store._document_name("deployments", deployment_id(lock, 12))
+        assert record == firestore_module._document_path(store._deployment_reference(lock, 12))
 
 
 async def _until_available(call: Callable[[], Awaitable[Any]], within: float = 60.0) -> Any:

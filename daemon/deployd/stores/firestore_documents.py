@@ -30,6 +30,7 @@ and update and read times have microsecond precision.
 from __future__ import annotations
 
 import base64
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -557,8 +558,13 @@ def _purpose_from(fields: dict[str, Any]) -> Purpose:
 # --- ids, paths and timestamps ---
 
 
+@functools.lru_cache(maxsize=1024)
 def document_id(lock: str) -> str:
-    """Return the document id of ``lock``: the name itself if it is a valid lock name."""
+    """Return the document id of ``lock``: the name itself if it is a valid lock name.
+
+    Cached, because every write of a grant, renewal or release names its
+    documents by it, and checking the name takes longer than looking it up.
+    """
     if lock_name_problem(lock) is None:
         return lock
     return _encode(lock)
