@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from deployd.sessions import new_session_id, random_suffix
 from deployd_client.durations import format_duration, parse_duration
 from deployd_client.names import LOCK_NAME_RULE, MAX_LOCK_NAME_LENGTH, lock_name_problem
 
@@ -205,3 +206,19 @@ def test_non_string_lock_name(value: object) -> None:
 def test_rule_and_maximum_agree() -> None:
     assert re.fullmatch(LOCK_NAME_RULE, "a" * MAX_LOCK_NAME_LENGTH)
     assert re.fullmatch(LOCK_NAME_RULE, "a" * (MAX_LOCK_NAME_LENGTH + 1)) is None
+
+
+# --- session ids ---
+
+
+@pytest.mark.parametrize("length", [1, 6, 8])
+def test_random_suffix_is_lowercase_letters_and_digits(length: int) -> None:
+    suffixes = {random_suffix(length) for _ in range(200)}
+    assert all(re.fullmatch(f"[a-z0-9]{{{length}}}", suffix) for suffix in suffixes)
+    if length > 1:
+        assert len(suffixes) > 190
+
+
+def test_session_id_cleans_the_user_name() -> None:
+    session = new_session_id("ana b/ü", "build-7", now=1_770_000_000.0)
+    assert re.fullmatch(r"ana-b--@build-7_20260202T024000Z_[a-z0-9]{6}", session)

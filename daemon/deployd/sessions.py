@@ -9,11 +9,21 @@ import time
 
 _ALPHABET = string.ascii_lowercase + string.digits
 _HOST_CHARACTERS = frozenset(string.ascii_letters + string.digits + "-")
+_USER_CHARACTERS = _HOST_CHARACTERS | frozenset("._")
 
 
 def random_suffix(length: int = 6) -> str:
-    """Return ``length`` random lowercase letters and digits."""
-    return "".join(secrets.choice(_ALPHABET) for _ in range(length))
+    """Return ``length`` random lowercase letters and digits.
+
+    One draw from the system's random source gives all of them: the digits
+    of a number below 36 ** ``length`` in base 36.
+    """
+    number = secrets.randbelow(len(_ALPHABET) ** length)
+    characters = []
+    for _ in range(length):
+        number, digit = divmod(number, len(_ALPHABET))
+        characters.append(_ALPHABET[digit])
+    return "".join(characters)
 
 
 def short_hostname() -> str:
@@ -23,8 +33,7 @@ def short_hostname() -> str:
 
 
 def _clean_user(user: str) -> str:
-    allowed = _HOST_CHARACTERS | frozenset("._")
-    return "".join(char if char in allowed else "-" for char in user) or "unknown"
+    return "".join(char if char in _USER_CHARACTERS else "-" for char in user) or "unknown"
 
 
 def new_session_id(user: str, host: str, now: float | None = None) -> str:
