@@ -300,6 +300,37 @@ def test_grant_with_lost_reply_is_granted_once(
     assert station.status()["leases"][0]["token"] == 1
 
 
+def test_lease_of_exited_process_logs_grant_first(
+    make_firestore_workstation: Callable[..., Workstation],
+    start: Callable[..., DaemonProcess],
+    proxy: TcpProxy,
+) -> None:
+    """The bound process exits while the grant's RPCs are in flight: the grant is logged first."""
+    station = make_firestore_workstation(emulator_host=proxy.address)
+    start(station)
+    proxy.reply_latency(1.0)
+    process = subprocess.Popen(["sleep", "600"])
+    try:
+        acquiring = station.spawn("acquire", "api", "--pid", str(process.pid), "--format", "json")
+        # The daemon identifies the process before its first RPC, the read of the lock.
+        wait_until(lambda: proxy.requests >= 1)
+    finally:
+        process.kill()
+        process.wait()
+    _, stderr = acquiring.communicate(timeout=ANSWER_BOUND)
+    assert acquiring.returncode == 0, stderr
+
+    wait_for_log(station, "lease ended: lock=api")
+    lines = [
+        line
+        for line in station.log_file.read_text(errors="replace").splitlines()
+        if "lease granted: lock=api" in line or "lease ended: lock=api" in line
+    ]
+    assert len(lines) == 2, lines
+    assert "lease granted" in lines[0], lines
+    assert "outcome=abandoned" in lines[1], lines
+
+
 def test_renewal_with_lost_reply_keeps_lease(
     make_firestore_workstation: Callable[..., Workstation],
     start: Callable[..., DaemonProcess],

@@ -915,8 +915,6 @@ class LeaseService:
         binding = held.binding
         assert isinstance(binding, Binding)
         self._bindings[held.lease_id] = binding
-        for identity in binding.processes.values():
-            self._watch(binding, identity)
         log_line = (
             "lease granted: lock=%s session=%s token=%d takeover=%s waited=%.3fs",
             held.lock,
@@ -932,9 +930,13 @@ class LeaseService:
         if pending is None:
             # The caller left; the coordinator has already released this grant.
             logger.info(*log_line)
-            return
-        self._answer(pending, held=held)
-        _log_after_wakeups(*log_line)
+        else:
+            self._answer(pending, held=held)
+            _log_after_wakeups(*log_line)
+        # After the grant's line is queued: the watch of a process that is gone
+        # already ends the lease in its first step, and logs that end.
+        for identity in binding.processes.values():
+            self._watch(binding, identity)
 
     def lease_json(self, lease: Lease) -> dict[str, Any]:
         """Return ``lease.to_json()``, reused while the same lease is asked for again.
@@ -1239,9 +1241,10 @@ class LeaseService:
 def _log_after_wakeups(message: str, *args: object) -> None:
     """Log ``message`` at INFO after the tasks that are ready to run now.
 
-    Called right after a caller's response is set, it lets the request handler
-    send that response before the line is formatted and written (about 0.1 ms
-    of CPU when the daemon has been idle).
+    It is called right after a caller's response is set. The request handler
+    then sends that response before the line is formatted and written, which
+    takes about 0.09 ms in a daemon idle between requests (docs/benchmarks.md,
+    finding 9).
     """
     # NOTE: asyncio's own call_soon, as anyio has none: the daemon runs on anyio's
     # asyncio backend, which the Firestore store's grpc.aio channel needs too.
