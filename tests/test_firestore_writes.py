@@ -223,6 +223,8 @@ def test_update_write_precondition_equals_library(document_path: str, text: str)
         "2026-13-01T12:00:00.123456789Z",
         "2026-03-01T12:00:00.12345678xZ",
         "2026-03-01 12:00:00.123456789Z",
+        "2026-W09-7T12:00:00.123456789Z",
+        "2026-060T12:00:00.123456789Zabc",
         "yesterday",
     ],
 )

@@ -15,8 +15,8 @@ _USER_CHARACTERS = _HOST_CHARACTERS | frozenset("._")
 def random_suffix(length: int = 6) -> str:
     """Return ``length`` random lowercase letters and digits.
 
-    One draw from the system's random source gives all of them: the digits
-    of a number below 36 ** ``length`` in base 36.
+    They are the base-36 digits of one number below 36 ** ``length``, drawn
+    with one call of secrets.randbelow() instead of one call per character.
     """
     number = secrets.randbelow(len(_ALPHABET) ** length)
     characters = []
