@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from harness import (
+    DEPLOYD,
     DaemonProcess,
     Workstation,
     process_running,
@@ -456,6 +457,17 @@ def test_run_sets_lease_environment(
 
 
 FORWARDED = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+# Runs the command in argv[1:] with SIGINT and SIGQUIT at their default action.
+# pytest started as a background job of a script inherits both ignored, and
+# `deployd run` passes ignored signals on to its command, as a shell does.
+WITH_DEFAULT_SIGNALS = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys\n"
+    "for signum in (signal.SIGINT, signal.SIGQUIT):\n"
+    "    signal.signal(signum, signal.SIG_DFL)\n"
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
 
 
 @pytest.mark.parametrize("signum", FORWARDED, ids=[signum.name for signum in FORWARDED])
@@ -476,7 +488,13 @@ sleeper=$!
 touch {ready}
 wait "$sleeper"
 """
-    client = workstation.spawn("run", "api", "--", "bash", "-c", script, stdout=subprocess.DEVNULL)
+    client = subprocess.Popen(
+        [*WITH_DEFAULT_SIGNALS, *DEPLOYD, "run", "api", "--", "bash", "-c", script],
+        env=workstation.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_until(ready.exists)
         client.send_signal(signum)
