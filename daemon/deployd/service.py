@@ -928,7 +928,8 @@ class LeaseService:
         self._announce_grant(held)
         pending = self._pending.get(action.ticket.id)
         if pending is None:
-            # The caller left; the coordinator has already released this grant.
+            # No caller to respond to. The coordinator does not grant a withdrawn
+            # request (it ends that lease itself), so this is only a safeguard.
             logger.info(*log_line)
         else:
             self._answer(pending, held=held)

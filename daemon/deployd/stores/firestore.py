@@ -1393,11 +1393,12 @@ def _add_writes(batch: AsyncWriteBatch, *writes: Write) -> None:
 
 
 async def _commit(batch: AsyncWriteBatch, options: Mapping[str, Any]) -> list[WriteResult]:
-    """Commit ``batch`` as its commit() does, and return the results of its writes.
+    """Send the commit that ``batch.commit()`` would send; return the results of its writes.
 
     commit_request() builds the request, without the conversion of each write
     that commit() makes. The call, its retry and timeout (``options``) and its
-    errors stay the library's.
+    errors stay the library's. Unlike commit(), it leaves the batch as it was;
+    the store never reuses a batch.
     """
     # NOTE: _client, _write_pbs, _firestore_api and _rpc_metadata are the private
     # attributes that AsyncWriteBatch.commit() itself uses in google-cloud-firestore 2.34.

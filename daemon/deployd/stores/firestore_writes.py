@@ -183,8 +183,8 @@ def parse_update_time(text: str) -> timestamp_pb2.Timestamp:
     The store's versions have the fixed form YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ
     (firestore_documents.version_of), which the datetime module reads in C.
     Any other form goes to Timestamp.FromJsonString, which takes every
-    RFC 3339 form but runs strptime in Python: 6.5 µs against 2.1 µs here
-    (timeit, on the 2-core VM of docs/benchmarks.md). The separators are
+    RFC 3339 form but runs strptime in Python: about 6.6 µs against 2.2 to
+    2.6 µs here (timeit, on the 2-core VM of docs/benchmarks.md). The separators are
     checked first, because datetime.fromisoformat also takes ISO 8601 forms
     that RFC 3339 does not, such as week dates.
     """
