@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -624,19 +624,29 @@ def _hold_reads(
     monkeypatch.setattr(store, "_get_documents", held)
 
 
+async def _enqueue_during_read(
+    store: FirestoreStore,
+    operation: str,
+    call: Callable[[], Coroutine[Any, Any, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Run ``call``, whose read for ``operation`` returns only after ``store`` queued BEN."""
+    enqueued = anyio.Event()
+    _hold_reads(store, operation, enqueued, monkeypatch)
+    async with anyio.create_task_group() as group:
+        group.start_soon(call)
+        await anyio.sleep(0.2)
+        await store.enqueue("api", "ben-wait", owner_of(BEN), Purpose(), TTL)
+        enqueued.set()
+
+
 async def test_overtaken_read_is_not_remembered(
     open_store: OpenStore, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = await open_store(emulator_host=proxy.address)
     await _grant_and_release(store, ANA)
-    enqueued = anyio.Event()
     # The status read returns only after this daemon queued a waiter.
-    _hold_reads(store, "inspect", enqueued, monkeypatch)
-    async with anyio.create_task_group() as group:
-        group.start_soon(store.inspect, "api")
-        await anyio.sleep(0.2)
-        await store.enqueue("api", "ben-wait", owner_of(BEN), Purpose(), TTL)
-        enqueued.set()
+    await _enqueue_during_read(store, "inspect", lambda: store.inspect("api"), monkeypatch)
 
     busy, cost = await _measure(store, proxy, store.try_acquire(make_request(CARA)))
 
@@ -668,19 +678,13 @@ async def test_grant_overtaken_by_own_enqueue_forgets(
     open_store: OpenStore, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = await open_store(emulator_host=proxy.address)
-    enqueued = anyio.Event()
-    # CARA's grant read returns only after this daemon queued BEN.
-    _hold_reads(store, "try_acquire", enqueued, monkeypatch)
     granted: list[Lease] = []
 
     async def grant_cara() -> None:
         granted.append(await expect_grant(store, CARA))
 
-    async with anyio.create_task_group() as group:
-        group.start_soon(grant_cara)
-        await anyio.sleep(0.2)
-        await store.enqueue("api", "ben-wait", owner_of(BEN), Purpose(), TTL)
-        enqueued.set()
+    # CARA's grant read returns only after this daemon queued BEN.
+    await _enqueue_during_read(store, "try_acquire", grant_cara, monkeypatch)
     await store.release(granted[0], Outcome.from_exit_code(0))
 
     busy, cost = await _measure(store, proxy, store.try_acquire(make_request(DAVE)))

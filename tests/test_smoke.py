@@ -21,7 +21,7 @@ def test_status_lists_lock(workstation: Workstation, daemon: DaemonProcess) -> N
     assert '"api"' in result.stdout
 
 
-def test_grant_is_logged_before_the_end(workstation: Workstation, daemon: DaemonProcess) -> None:
+def test_grant_logged_before_end(workstation: Workstation, daemon: DaemonProcess) -> None:
     """The grant's line is written after the response, but still before the lease's end."""
     result = workstation.deployd("run", "api", "--", "true")
     assert result.returncode == 0, result.stderr

@@ -643,7 +643,7 @@ class LeaseService:
         self._task_group.start_soon(function, *args)
 
     def _execute(self, actions: list[Action], wake: bool = True) -> None:
-        """Carry out the coordinator's actions; then wake the timer loop, if ``wake``."""
+        """Carry out the coordinator's actions, and wake the timer loop if ``wake`` is true."""
         for action in actions:
             match action:
                 # First, because a grant of a contended lock moves every waiter up one place.
@@ -934,8 +934,8 @@ class LeaseService:
         else:
             self._answer(pending, held=held)
             _log_after_wakeups(*log_line)
-        # After the grant's line is queued: the watch of a process that is gone
-        # already ends the lease in its first step, and logs that end.
+        # Watches start after the grant's line is queued, because the watch of a
+        # process that has already exited ends the lease, and logs that, at once.
         for identity in binding.processes.values():
             self._watch(binding, identity)
 
